@@ -1,0 +1,158 @@
+"""Model files that ship with lora_lab or are built offline: the CLIP tokenizer, the config
+folders of the presets (sd15, sd21 ...) and the tiny SD-shaped model.
+
+Everything here is written once into the cache folder and then loaded through the same code
+as a user's own diffusers folder.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+PRESETS_DIR = Path(__file__).resolve().parent / "presets"
+TINY_VERSION = "tiny-v1"
+TINY_SEED = 0
+
+
+def write_clip_tokenizer(folder: Path, pad_token: str = "<|endoftext|>") -> None:
+    """Write SD's CLIP BPE tokenizer (vocab.json, merges.txt) from open_clip's shipped vocabulary.
+
+    open_clip names the special tokens ``<start_of_text>`` / ``<end_of_text>``; SD's tokenizer
+    calls them ``<|startoftext|>`` / ``<|endoftext|>``. With that rename the 49408 ids match
+    SD's own tokenizer (bos 49406, eos 49407).
+
+    Args:
+        folder: Where to write the files (created if missing).
+        pad_token: ``<|endoftext|>`` for SD 1.x, ``!`` for SD 2.x (as their tokenizers do).
+    """
+    from open_clip.tokenizer import SimpleTokenizer
+
+    folder.mkdir(parents=True, exist_ok=True)
+    bpe = SimpleTokenizer()
+    rename = {"<start_of_text>": "<|startoftext|>", "<end_of_text>": "<|endoftext|>"}
+    encoder = {rename.get(token, token): i for token, i in bpe.encoder.items()}
+    merges = [" ".join(pair) for pair, _ in sorted(bpe.bpe_ranks.items(), key=lambda kv: kv[1])]
+    (folder / "vocab.json").write_text(json.dumps(encoder, ensure_ascii=False), encoding="utf-8")
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
+    special = {
+        "model_max_length": 77,
+        "do_lower_case": True,
+        "bos_token": "<|startoftext|>",
+        "eos_token": "<|endoftext|>",
+        "unk_token": "<|endoftext|>",
+        "pad_token": pad_token,
+        "tokenizer_class": "CLIPTokenizer",
+    }
+    (folder / "tokenizer_config.json").write_text(json.dumps(special, indent=2), encoding="utf-8")
+    (folder / "special_tokens_map.json").write_text(
+        json.dumps({k: special[k] for k in ("bos_token", "eos_token", "unk_token", "pad_token")}),
+        encoding="utf-8",
+    )
+
+
+def _publish(build, target: Path) -> Path:
+    """Build into a temp folder beside ``target`` and rename it into place (atomic)."""
+    if (target / "model_index.json").exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    try:
+        build(tmp)
+        try:
+            os.rename(tmp, target)
+        except OSError:
+            if not (target / "model_index.json").exists():  # lost a race: keep the winner
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def preset_folder(name: str, cache_dir: Path) -> Path:
+    """A diffusers-style config folder (no weights) for a single-file checkpoint of ``name``."""
+
+    def build(tmp: Path) -> None:
+        shutil.copytree(PRESETS_DIR / name, tmp, dirs_exist_ok=True)
+        pad = "!" if name.startswith("sd21") else "<|endoftext|>"
+        write_clip_tokenizer(tmp / "tokenizer", pad_token=pad)
+
+    return _publish(build, Path(cache_dir) / "presets" / name)
+
+
+def tiny_folder(cache_dir: Path) -> Path:
+    """The tiny SD-shaped model as a diffusers folder under ``cache_dir/models``; built once."""
+    return _publish(_build_tiny, Path(cache_dir) / "models" / TINY_VERSION)
+
+
+def _build_tiny(folder: Path) -> None:
+    import torch
+    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    torch.manual_seed(TINY_SEED)
+    unet = UNet2DConditionModel(
+        block_out_channels=(32, 64),
+        layers_per_block=2,
+        sample_size=16,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=32,
+        attention_head_dim=4,
+        norm_num_groups=16,
+    )
+    vae = AutoencoderKL(
+        block_out_channels=(32, 32, 64),
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 3,
+        up_block_types=("UpDecoderBlock2D",) * 3,
+        latent_channels=4,
+        layers_per_block=1,
+        norm_num_groups=16,
+        sample_size=64,
+    )
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            hidden_size=32,
+            intermediate_size=64,
+            num_attention_heads=4,
+            num_hidden_layers=3,
+            max_position_embeddings=77,
+            vocab_size=49408,
+            projection_dim=32,
+            hidden_act="quick_gelu",
+            bos_token_id=49406,
+            eos_token_id=49407,
+            pad_token_id=1,
+        )
+    )
+    scheduler = PNDMScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        num_train_timesteps=1000,
+        skip_prk_steps=True,
+        steps_offset=1,
+        set_alpha_to_one=False,
+    )
+    tok_dir = folder / "_tokenizer_src"
+    write_clip_tokenizer(tok_dir)
+    tokenizer = CLIPTokenizer.from_pretrained(tok_dir)
+    pipe = StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.save_pretrained(folder, safe_serialization=True)
+    shutil.rmtree(tok_dir)

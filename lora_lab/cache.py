@@ -1,0 +1,114 @@
+"""Content-keyed caches of VAE latents and text embeddings, on disk, shared by every run.
+
+A latent is keyed by (image bytes, resolution, crop rule, VAE weights); a text embedding by
+(caption, clip_skip, text-encoder weights, tokenizer). Keys never depend on loop position, so
+a shuffled loader can never pair an image with another one's caption (diffusers #14430).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from pathlib import Path
+from typing import Dict, Iterable, List
+
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from lora_lab.data import Sample, load_image
+
+CROP_RULE = "short-side-resize+center-crop/v1"
+
+
+def _key(*parts: object) -> str:
+    return hashlib.sha256("|".join(str(p) for p in parts).encode()).hexdigest()
+
+
+def _path(root: Path, kind: str, key: str) -> Path:
+    return root / kind / key[:2] / f"{key}.safetensors"
+
+
+def atomic_save(tensors: Dict[str, torch.Tensor], path: Path, metadata: Dict[str, str] | None = None) -> None:
+    """Write a safetensors file under a temp name in the same folder, then rename it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def image_tensor(sample: Sample, resolution: int) -> torch.Tensor:
+    """The image as a (3, H, W) tensor in [-1, 1], as the VAE expects."""
+    import numpy as np
+
+    im = load_image(sample.path, resolution)
+    arr = torch.from_numpy(np.asarray(im, dtype=np.float32).copy()).permute(2, 0, 1)
+    return arr / 127.5 - 1.0
+
+
+@torch.no_grad()
+def cache_latents(samples: Iterable[Sample], vae, resolution: int, vae_id: str, root: Path,
+                  batch_size: int = 8) -> Dict[str, torch.Tensor]:
+    """VAE posterior parameters (mean and log-variance, stacked on dim 0) per sample id.
+
+    Training draws a fresh latent from the posterior each step, as diffusers' scripts do.
+    """
+    unique = {s.id: s for s in samples}
+    out: Dict[str, torch.Tensor] = {}
+    todo: List[Sample] = []
+    for sid, s in unique.items():
+        p = _path(root, "latents", _key(sid, resolution, CROP_RULE, vae_id))
+        if p.exists():
+            out[sid] = load_file(p)["parameters"]
+        else:
+            todo.append(s)
+    device, dtype = vae.device, vae.dtype
+    for i in tqdm(range(0, len(todo), batch_size), desc="caching latents", disable=not todo, leave=False):
+        chunk = todo[i : i + batch_size]
+        pixels = torch.stack([image_tensor(s, resolution) for s in chunk]).to(device, dtype)
+        params = vae.encode(pixels).latent_dist.parameters.float().cpu()
+        for s, p in zip(chunk, params):
+            atomic_save({"parameters": p}, _path(root, "latents", _key(s.id, resolution, CROP_RULE, vae_id)))
+            out[s.id] = p
+    return out
+
+
+def encode_text(captions: List[str], tokenizer, text_encoder, clip_skip: int) -> torch.Tensor:
+    """Text embeddings as SD's UNet sees them; ``clip_skip`` 2 = penultimate layer (kohya, A1111)."""
+    ids = tokenizer(
+        captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+        return_tensors="pt",
+    ).input_ids.to(text_encoder.device)
+    if clip_skip == 1:
+        return text_encoder(ids)[0]
+    hidden = text_encoder(ids, output_hidden_states=True).hidden_states[-clip_skip]
+    return text_encoder.text_model.final_layer_norm(hidden)
+
+
+@torch.no_grad()
+def cache_text(captions: Iterable[str], tokenizer, text_encoder, clip_skip: int, te_id: str,
+               root: Path, batch_size: int = 16) -> Dict[str, torch.Tensor]:
+    """Text embeddings of a frozen text encoder, per caption."""
+    tok_id = f"{tokenizer.__class__.__name__}/{len(tokenizer)}/{tokenizer.model_max_length}"
+    unique = sorted(set(captions))
+    out: Dict[str, torch.Tensor] = {}
+    todo = []
+    for c in unique:
+        p = _path(root, "text", _key(c, clip_skip, te_id, tok_id))
+        if p.exists():
+            out[c] = load_file(p)["embedding"]
+        else:
+            todo.append(c)
+    for i in tqdm(range(0, len(todo), batch_size), desc="caching text", disable=not todo, leave=False):
+        chunk = todo[i : i + batch_size]
+        emb = encode_text(chunk, tokenizer, text_encoder, clip_skip).float().cpu()
+        for c, e in zip(chunk, emb):
+            atomic_save({"embedding": e}, _path(root, "text", _key(c, clip_skip, te_id, tok_id)))
+            out[c] = e
+    return out

@@ -1,0 +1,346 @@
+"""Find training images and captions in the three forms our users have, and check them all.
+
+Forms:
+    * kohya folders: ``<parent>/<repeats>_<class tokens>/`` with images and same-stem captions;
+    * a folder with a diffusers ``metadata.jsonl`` (``{"file_name": ..., "text": ...}``);
+    * a kohya ``dataset_config.toml`` (general / datasets / subsets).
+
+Every image is opened and every caption read here, before any model is loaded, so bad input
+stops the run with one message naming the file. Sample ids are content hashes (image bytes),
+so caches can never pair an image with another image's caption or latents.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import random
+import re
+import tomllib
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, List, Optional
+
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from lora_lab.config import DataConfig
+from lora_lab.errors import DataError
+
+log = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+_KOHYA_DIR = re.compile(r"^(\d+)_(.*)$")
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One training image.
+
+    Attributes:
+        id: sha256 of the image file's bytes (stable across renames and orderings).
+        path: The image file.
+        caption: The caption before any per-step shuffling.
+        repeats: How often the image is shown per epoch.
+        is_reg: A regularization (prior preservation) image.
+        shuffle_caption: Shuffle comma-separated tags each step.
+        keep_tokens: Tags kept in front when shuffling.
+    """
+
+    id: str
+    path: Path
+    caption: str
+    repeats: int
+    is_reg: bool = False
+    shuffle_caption: bool = False
+    keep_tokens: int = 0
+
+
+@dataclass
+class Dataset:
+    """All samples of a run plus what a person needs to see before training starts."""
+
+    samples: List[Sample]
+    source: str
+    token: Optional[str]
+    folders: List[str] = field(default_factory=list)
+
+    @property
+    def train(self) -> List[Sample]:
+        return [s for s in self.samples if not s.is_reg]
+
+    @property
+    def reg(self) -> List[Sample]:
+        return [s for s in self.samples if s.is_reg]
+
+    def images_per_epoch(self) -> int:
+        """Training images shown per epoch (kohya: repeats counted; reg images matched to them)."""
+        n = sum(s.repeats for s in self.train)
+        return 2 * n if self.reg else n
+
+    def tag_frequency(self) -> dict:
+        """kohya's ``ss_tag_frequency``: {folder: {tag: count}}."""
+        out: dict = {}
+        for s in self.samples:
+            counts = out.setdefault(s.path.parent.name, Counter())
+            counts.update(t.strip() for t in s.caption.split(",") if t.strip())
+        return {k: dict(v) for k, v in out.items()}
+
+    def summary(self) -> str:
+        lines = [f"dataset: {self.source}"]
+        by_folder: dict = {}
+        for s in self.samples:
+            key = (str(s.path.parent), s.repeats, s.is_reg)
+            by_folder[key] = by_folder.get(key, 0) + 1
+        for (folder, repeats, is_reg), n in by_folder.items():
+            kind = "regularization" if is_reg else "train"
+            lines.append(f"  {folder}: {n} images x {repeats} repeats ({kind})")
+        if self.token:
+            lines.append(f"  token: {self.token}")
+        return "\n".join(lines)
+
+
+def load_dataset(cfg: DataConfig, cache_dir: Path) -> Dataset:
+    """Discover and check every image and caption described by ``cfg``.
+
+    Raises:
+        DataError: naming the file or folder and what is allowed.
+    """
+    if cfg.path:
+        path = Path(cfg.path).expanduser()
+    else:
+        from lora_lab.demo_data import demo_folder
+
+        path = demo_folder(Path(cache_dir))
+    if not path.exists():
+        raise DataError(f"data.path: {path} does not exist")
+    if path.is_file():
+        if path.suffix != ".toml":
+            raise DataError(
+                f"data.path: {path} is a file; give a folder (kohya or metadata.jsonl) "
+                "or a dataset_config.toml"
+            )
+        samples, folders = _from_toml(path, cfg)
+        source = f"kohya dataset_config {path}"
+    elif (path / "metadata.jsonl").exists():
+        samples = _from_metadata(path, cfg)
+        folders = [str(path)]
+        source = f"diffusers metadata.jsonl in {path}"
+    else:
+        samples, folders = _from_kohya_parent(path, cfg, is_reg=False)
+        source = f"kohya folders in {path}"
+    if cfg.reg_path:
+        reg, reg_folders = _from_kohya_parent(Path(cfg.reg_path).expanduser(), cfg, is_reg=True)
+        samples += reg
+        folders += reg_folders
+    if not any(not s.is_reg for s in samples):
+        raise DataError(f"data.path: no training images found in {path}")
+    if cfg.repeats is not None:
+        samples = [_replace_repeats(s, cfg.repeats) if not s.is_reg else s for s in samples]
+    token = cfg.token or _guess_token(samples)
+    return Dataset(samples=samples, source=source, token=token, folders=folders)
+
+
+def _replace_repeats(s: Sample, repeats: int) -> Sample:
+    from dataclasses import replace
+
+    return replace(s, repeats=repeats)
+
+
+def _guess_token(samples: List[Sample]) -> Optional[str]:
+    for s in samples:
+        m = _KOHYA_DIR.match(s.path.parent.name)
+        if m and not s.is_reg:
+            return m.group(2).split()[0] if m.group(2).strip() else None
+    return None
+
+
+def _images_in(folder: Path) -> List[Path]:
+    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+
+
+def _from_kohya_parent(parent: Path, cfg: DataConfig, *, is_reg: bool) -> tuple[List[Sample], List[str]]:
+    key = "data.reg_path" if is_reg else "data.path"
+    if not parent.is_dir():
+        raise DataError(f"{key}: {parent} is not a folder")
+    if _images_in(parent):
+        raise DataError(
+            f"{key}: {parent} holds images directly; kohya expects them in subfolders named "
+            f"'<repeats>_<token>', e.g. {parent}/10_sks/. Point {key} at the parent of such folders."
+        )
+    samples: List[Sample] = []
+    folders: List[str] = []
+    for sub in sorted(p for p in parent.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        m = _KOHYA_DIR.match(sub.name)
+        images = _images_in(sub)
+        if not m:
+            if images:
+                raise DataError(
+                    f"{key}: folder {sub} has no '<repeats>_' prefix, so kohya would ignore its "
+                    f"{len(images)} images; rename it like '10_{sub.name}' (10 repeats)"
+                )
+            continue
+        repeats, class_tokens = int(m.group(1)), m.group(2).strip()
+        if repeats < 1:
+            raise DataError(f"{key}: folder {sub} has {repeats} repeats; the prefix must be >= 1")
+        samples += _subset(sub, repeats, class_tokens, cfg.caption_extension, is_reg,
+                           cfg.shuffle_caption, cfg.keep_tokens)
+        folders.append(str(sub))
+    if not samples:
+        raise DataError(
+            f"{key}: {parent} has no '<repeats>_<token>' folder with images "
+            f"(allowed image types: {', '.join(IMAGE_EXTENSIONS)})"
+        )
+    return samples, folders
+
+
+def _subset(folder: Path, repeats: int, class_tokens: str, caption_ext: str, is_reg: bool,
+            shuffle: bool, keep_tokens: int) -> List[Sample]:
+    images = _images_in(folder)
+    if not images:
+        raise DataError(f"image folder {folder} is empty (allowed image types: {', '.join(IMAGE_EXTENSIONS)})")
+    out = []
+    for image in images:
+        caption_file = image.with_suffix(caption_ext)
+        if caption_file.exists():
+            caption = _read_caption(caption_file)
+        elif class_tokens:
+            caption = class_tokens
+        else:
+            raise DataError(
+                f"{image} has no caption file {caption_file.name} and its folder names no class "
+                "token to use instead; add the caption file or name the folder '<repeats>_<token>'"
+            )
+        out.append(Sample(_check_image(image), image, caption, repeats, is_reg, shuffle, keep_tokens))
+    return out
+
+
+def _from_metadata(folder: Path, cfg: DataConfig) -> List[Sample]:
+    meta = folder / "metadata.jsonl"
+    samples = []
+    for n, line in enumerate(meta.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{meta} line {n}: not valid JSON ({exc.msg})") from None
+        if "file_name" not in row:
+            raise DataError(f"{meta} line {n}: no 'file_name' field")
+        if cfg.caption_column not in row:
+            raise DataError(
+                f"{meta} line {n}: no caption column {cfg.caption_column!r} "
+                f"(the line has: {', '.join(sorted(row))}); set data.caption_column"
+            )
+        image = folder / row["file_name"]
+        if not image.exists():
+            raise DataError(f"{meta} line {n}: image {image} does not exist")
+        caption = str(row[cfg.caption_column]).strip()
+        samples.append(Sample(_check_image(image), image, caption, cfg.repeats or 1, False,
+                              cfg.shuffle_caption, cfg.keep_tokens))
+    if not samples:
+        raise DataError(f"{meta} lists no images")
+    return samples
+
+
+def _from_toml(path: Path, cfg: DataConfig) -> tuple[List[Sample], List[str]]:
+    try:
+        doc = tomllib.loads(path.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as exc:
+        raise DataError(f"{path}: not valid TOML ({exc})") from None
+    general = doc.get("general", {})
+    datasets = doc.get("datasets", [])
+    if not datasets:
+        raise DataError(f"{path}: no [[datasets]] table")
+    samples: List[Sample] = []
+    folders: List[str] = []
+    for d, dataset in enumerate(datasets):
+        subsets = dataset.get("subsets", [])
+        if not subsets:
+            raise DataError(f"{path}: datasets[{d}] has no [[datasets.subsets]]")
+        for s, subset in enumerate(subsets):
+            opts = {**general, **dataset, **subset}
+            if "image_dir" not in subset:
+                raise DataError(f"{path}: datasets[{d}].subsets[{s}] has no image_dir")
+            image_dir = (path.parent / subset["image_dir"]).expanduser()
+            if not image_dir.is_dir():
+                raise DataError(f"{path}: datasets[{d}].subsets[{s}].image_dir {image_dir} is not a folder")
+            # kohya does not parse a '<repeats>_' prefix in a TOML image_dir: num_repeats rules.
+            samples += _subset(
+                image_dir,
+                int(opts.get("num_repeats", 1)),
+                str(opts.get("class_tokens", "")).strip(),
+                str(opts.get("caption_extension", cfg.caption_extension)),
+                bool(opts.get("is_reg", False)),
+                bool(opts.get("shuffle_caption", cfg.shuffle_caption)),
+                int(opts.get("keep_tokens", cfg.keep_tokens)),
+            )
+            folders.append(str(image_dir))
+    return samples, folders
+
+
+def _read_caption(path: Path) -> str:
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise DataError(
+            f"caption {path} is not UTF-8 text (byte {exc.start}); save it as UTF-8"
+        ) from None
+    return " ".join(text.split())
+
+
+def _check_image(path: Path) -> str:
+    """Open and fully decode an image; return the sha256 of its bytes."""
+    raw = path.read_bytes()
+    if not raw:
+        raise DataError(f"image {path} is empty (0 bytes)")
+    try:
+        from io import BytesIO
+
+        with Image.open(BytesIO(raw)) as im:
+            im.load()
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        raise DataError(f"image {path} cannot be read as an image ({exc.__class__.__name__}: {exc})") from None
+    return hashlib.sha256(raw).hexdigest()
+
+
+def load_image(path: Path, resolution: int) -> Image.Image:
+    """RGB image with its short side resized to ``resolution`` and center-cropped square."""
+    with Image.open(path) as im:
+        im = ImageOps.exif_transpose(im).convert("RGB")
+    w, h = im.size
+    scale = resolution / min(w, h)
+    im = im.resize((max(resolution, round(w * scale)), max(resolution, round(h * scale))),
+                   Image.Resampling.LANCZOS)
+    w, h = im.size
+    left, top = (w - resolution) // 2, (h - resolution) // 2
+    return im.crop((left, top, left + resolution, top + resolution))
+
+
+def shuffle_caption(caption: str, keep_tokens: int, rng: random.Random) -> str:
+    """kohya's shuffle_caption: shuffle comma-separated tags, the first ``keep_tokens`` fixed."""
+    tags = [t.strip() for t in caption.split(",") if t.strip()]
+    head, tail = tags[:keep_tokens], tags[keep_tokens:]
+    rng.shuffle(tail)
+    return ", ".join(head + tail)
+
+
+def epoch_order(dataset: Dataset, seed: int, epoch: int) -> List[Sample]:
+    """The samples of one epoch, shuffled: train images x repeats, plus as many reg images.
+
+    As in kohya, regularization images are cycled to match the count of training images.
+    """
+    rng = random.Random(seed * 100_003 + epoch)
+    items: List[Sample] = [s for s in dataset.train for _ in range(s.repeats)]
+    reg_pool = [s for s in dataset.reg for _ in range(s.repeats)]
+    if reg_pool:
+        items += [reg_pool[i % len(reg_pool)] for i in range(len(items))]
+    rng.shuffle(items)
+    return items
+
+
+def batches(items: List[Sample], batch_size: int) -> Iterable[List[Sample]]:
+    for i in range(0, len(items), batch_size):
+        yield items[i : i + batch_size]

@@ -1,0 +1,172 @@
+"""Load a base model: a hub id, a local diffusers folder, a single-file ``.safetensors``
+checkpoint, or the built-in tiny model (which is saved to a folder and loaded back as one).
+
+Weights we did not make are only read from safetensors; pickle checkpoints are refused.
+Device and dtype are chosen here, once, and passed down.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from lora_lab.builtin import preset_folder, tiny_folder
+from lora_lab.config import ModelConfig
+from lora_lab.errors import ConfigError, ModelError
+
+log = logging.getLogger(__name__)
+
+PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl")
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+@dataclass
+class BaseModel:
+    """A loaded base pipeline plus what training and metadata need to know about it."""
+
+    pipe: "object"  # diffusers.StableDiffusionPipeline
+    noise_scheduler: "object"  # diffusers.DDPMScheduler with the model's training schedule
+    name: str
+    source: str
+    base_version: str
+    prediction_type: str
+    device: torch.device
+
+    @property
+    def unet(self):
+        return self.pipe.unet
+
+    @property
+    def vae(self):
+        return self.pipe.vae
+
+    @property
+    def text_encoder(self):
+        return self.pipe.text_encoder
+
+    @property
+    def tokenizer(self):
+        return self.pipe.tokenizer
+
+
+def pick_device(name: str) -> torch.device:
+    """``auto`` -> CUDA when present, else CPU; an explicit CUDA request without CUDA is an error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"device: {name!r} asked for, but this machine has no CUDA GPU; use device=cpu")
+    return torch.device(name)
+
+
+def resolve_source(cfg: ModelConfig, cache_dir: Path) -> tuple[str, str]:
+    """Classify ``model.pretrained`` as ('folder' | 'single_file' | 'hub', location).
+
+    Raises:
+        ModelError: for a pickle checkpoint, a missing path, or an unrecognised folder.
+    """
+    if not cfg.pretrained:
+        return "folder", str(tiny_folder(cache_dir))
+    raw = cfg.pretrained
+    path = Path(raw).expanduser()
+    if path.suffix.lower() in PICKLE_SUFFIXES:
+        raise ModelError(
+            f"model.pretrained: {raw} is a pickle checkpoint ({path.suffix}); lora_lab only loads "
+            "weights from .safetensors files, since a pickle file can run arbitrary code when "
+            "loaded. Convert it to .safetensors first, or use the .safetensors release of the model."
+        )
+    if path.is_dir():
+        if not (path / "model_index.json").exists():
+            raise ModelError(
+                f"model.pretrained: folder {raw} has no model_index.json; expected a diffusers "
+                "folder (unet/, vae/, text_encoder/, tokenizer/, scheduler/)"
+            )
+        return "folder", str(path)
+    if path.is_file():
+        if path.suffix.lower() != ".safetensors":
+            raise ModelError(
+                f"model.pretrained: {raw} is not a .safetensors file; allowed: a hub id, "
+                "a diffusers folder, or a single-file .safetensors checkpoint"
+            )
+        return "single_file", str(path)
+    if path.suffix.lower() == ".safetensors" or raw.startswith((".", "/", "~")) or not _HUB_ID.match(raw):
+        raise ModelError(f"model.pretrained: {raw} does not exist")
+    return "hub", raw
+
+
+def load_base(cfg: ModelConfig, cache_dir: Path, device: torch.device,
+              dtype: torch.dtype = torch.float32) -> BaseModel:
+    """Load the base pipeline once per process; LoRA adapters are attached later.
+
+    Raises:
+        ModelError: with the source and the reason, when loading fails.
+    """
+    from diffusers import DDPMScheduler, StableDiffusionPipeline
+
+    kind, location = resolve_source(cfg, Path(cache_dir))
+    common = dict(dtype=dtype, safety_checker=None, requires_safety_checker=False)
+    try:
+        if kind == "single_file":
+            config = _single_file_config(cfg, Path(cache_dir))
+            pipe = StableDiffusionPipeline.from_single_file(location, config=str(config), **common)
+        else:
+            pipe = StableDiffusionPipeline.from_pretrained(location, use_safetensors=True, **common)
+    except (OSError, ValueError, EnvironmentError) as exc:
+        hint = ""
+        if kind == "hub":
+            hint = (" (is it in the local Hugging Face cache? This machine may be offline: "
+                    "download it once, or pass a local folder or .safetensors file)")
+        raise ModelError(f"model.pretrained: could not load {location}{hint}: {_first_line(exc)}") from None
+    pipe.set_progress_bar_config(disable=True)
+    pipe.to(device)
+    for module in (pipe.unet, pipe.vae, pipe.text_encoder):
+        module.requires_grad_(False)
+        module.eval()
+    scheduler_config = dict(pipe.scheduler.config)
+    if cfg.prediction_type:
+        scheduler_config["prediction_type"] = cfg.prediction_type
+        pipe.scheduler.register_to_config(prediction_type=cfg.prediction_type)
+    noise_scheduler = DDPMScheduler.from_config(scheduler_config)
+    return BaseModel(
+        pipe=pipe,
+        noise_scheduler=noise_scheduler,
+        name=cfg.name,
+        source=location,
+        base_version=cfg.base_version,
+        prediction_type=noise_scheduler.config.prediction_type,
+        device=device,
+    )
+
+
+def _single_file_config(cfg: ModelConfig, cache_dir: Path) -> Path:
+    if cfg.config_dir:
+        folder = Path(cfg.config_dir).expanduser()
+        if not (folder / "model_index.json").exists():
+            raise ModelError(f"model.config_dir: {folder} has no model_index.json")
+        return folder
+    if not cfg.preset:
+        raise ModelError(
+            "model.preset: a single-file checkpoint needs its architecture; use model=sd15, "
+            "model=sd21 or model=sd21_base (or set model.config_dir to a diffusers config folder)"
+        )
+    return preset_folder(cfg.preset, cache_dir)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else exc.__class__.__name__
+
+
+def module_fingerprint(module: torch.nn.Module) -> str:
+    """sha256 over a module's parameters and buffers: the model identity cache keys use."""
+    h = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        h.update(name.encode())
+        h.update(str(tuple(tensor.shape)).encode())
+        h.update(tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()

@@ -1,0 +1,429 @@
+"""The LoRA training loop: encode -> noise -> predict -> loss -> step, top to bottom.
+
+``python -m lora_lab.train model=tiny data=demo`` trains one LoRA and writes
+``<output_dir>/lora/<output_name>-000001.safetensors`` ... ``<output_name>.safetensors``
+(kohya keys and ``ss_*`` metadata) and TensorBoard events in ``<output_dir>/tb``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import random
+import shutil
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Callable, Dict, List, Optional
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from lora_lab import cache, lora_io
+from lora_lab.config import ADAPTIVE_OPTIMIZERS, Config, TrainConfig, to_yaml
+from lora_lab.data import Dataset, batches, epoch_order, load_dataset, shuffle_caption
+from lora_lab.errors import LoraLabError, TrainingError
+from lora_lab.models import BaseModel, load_base, module_fingerprint, pick_device
+
+log = logging.getLogger(__name__)
+
+# on_epoch(epoch, lora_file, epoch_loss) -> True to stop training early (pruning).
+EpochCallback = Callable[[int, Path, float], bool]
+
+
+@dataclass
+class TrainResult:
+    """What a finished (or stopped) run left behind."""
+
+    output_dir: Path
+    lora_files: Dict[int, Path] = field(default_factory=dict)
+    steps: int = 0
+    epochs_done: int = 0
+    stopped_early: bool = False
+    final_loss: float = float("nan")
+
+
+def check_environment(cfg: TrainConfig, device: torch.device) -> None:
+    """Refuse settings this machine cannot run, before any data or model is touched."""
+    if cfg.mixed_precision != "no" and device.type != "cuda":
+        raise TrainingError(
+            f"train.mixed_precision={cfg.mixed_precision} needs a CUDA GPU, but this run is on "
+            f"{device.type}; use train.mixed_precision=no on a CPU"
+        )
+    if cfg.mixed_precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise TrainingError("train.mixed_precision=bf16: this GPU has no bf16 support; use fp16")
+    _optimizer_class(cfg.optimizer, device)
+
+
+def _optimizer_class(name: str, device: torch.device):
+    if name == "adamw":
+        return torch.optim.AdamW
+    if name == "adamw8bit":
+        if device.type != "cuda":
+            raise TrainingError(
+                "train.optimizer=adamw8bit (bitsandbytes) needs a CUDA GPU; use train.optimizer=adamw on a CPU"
+            )
+        module, attr, package = "bitsandbytes.optim", "AdamW8bit", "bitsandbytes"
+    elif name == "adafactor":
+        module, attr, package = "transformers.optimization", "Adafactor", "transformers"
+    elif name == "prodigy":
+        module, attr, package = "prodigyopt", "Prodigy", "prodigyopt"
+    elif name == "dadaptation":
+        module, attr, package = "dadaptation", "DAdaptAdam", "dadaptation"
+    elif name == "lion":
+        module, attr, package = "lion_pytorch", "Lion", "lion-pytorch"
+    else:  # config validation already refused it
+        raise TrainingError(f"train.optimizer: unknown value {name!r}")
+    import importlib
+
+    try:
+        return getattr(importlib.import_module(module), attr)
+    except ImportError:
+        raise TrainingError(
+            f"train.optimizer={name} needs the package {package}: pip install {package}"
+        ) from None
+
+
+def _make_optimizer(cfg: TrainConfig, groups: List[dict], device: torch.device) -> torch.optim.Optimizer:
+    cls = _optimizer_class(cfg.optimizer, device)
+    args = dict(cfg.optimizer_args)
+    if cfg.optimizer == "adafactor":
+        # A fixed learning rate, as kohya recommends for LoRA: no relative step or scaling.
+        args = {"scale_parameter": False, "relative_step": False, "warmup_init": False, **args}
+    try:
+        return cls(groups, lr=groups[0]["lr"], **args)
+    except TypeError as exc:
+        raise TrainingError(f"train.optimizer_args for {cfg.optimizer}: {exc}") from None
+
+
+def total_steps(dataset: Dataset, cfg: TrainConfig) -> tuple[int, int]:
+    """(micro-batches per epoch, optimizer steps in all) as kohya counts them."""
+    per_epoch = math.ceil(dataset.images_per_epoch() / cfg.batch_size)
+    return per_epoch, math.ceil(per_epoch / cfg.gradient_accumulation) * cfg.epochs
+
+
+def _warmup(cfg: TrainConfig, steps: int) -> int:
+    return int(cfg.lr_warmup_steps * steps) if cfg.lr_warmup_steps < 1 else int(cfg.lr_warmup_steps)
+
+
+def _snr_weights(noise_scheduler, timesteps: torch.Tensor, gamma: float, prediction: str) -> torch.Tensor:
+    """Min-SNR loss weighting (Hang et al. 2023, "Efficient Diffusion Training via Min-SNR
+    Weighting Strategy"): min(SNR, gamma) / SNR for epsilon targets, / (SNR + 1) for v."""
+    alphas = noise_scheduler.alphas_cumprod.to(timesteps.device)[timesteps]
+    snr = alphas / (1 - alphas)
+    clipped = torch.clamp(snr, max=gamma)
+    return clipped / (snr + 1) if prediction == "v_prediction" else clipped / snr
+
+
+def _metadata(config: Config, base: BaseModel, dataset: Dataset, *, epoch: int, steps: int,
+              max_steps: int, started: str, finished: Optional[str], warmup: int) -> Dict[str, str]:
+    t = config.train
+    return lora_io.kohya_metadata(
+        ss_network_module="networks.lora",
+        ss_network_dim=t.network_dim,
+        ss_network_alpha=t.network_alpha,
+        ss_network_args={"conv_dim": t.conv_dim, "conv_alpha": t.conv_alpha} if t.conv_dim else None,
+        ss_learning_rate=t.learning_rate,
+        ss_unet_lr=t.effective_unet_lr,
+        ss_text_encoder_lr=t.text_encoder_lr or 0,
+        ss_network_train_unet_only=not t.trains_text_encoder,
+        ss_lr_scheduler=t.lr_scheduler,
+        ss_lr_warmup_steps=warmup,
+        ss_optimizer=t.optimizer + (f"({t.optimizer_args})" if t.optimizer_args else ""),
+        ss_epoch=epoch,
+        ss_steps=steps,
+        ss_max_train_steps=max_steps,
+        ss_num_epochs=t.epochs,
+        ss_num_train_images=sum(s.repeats for s in dataset.train),
+        ss_num_reg_images=len(dataset.reg),
+        ss_batch_size_per_device=t.batch_size,
+        ss_gradient_accumulation_steps=t.gradient_accumulation,
+        ss_resolution=f"({config.resolution}, {config.resolution})",
+        ss_seed=t.seed,
+        ss_mixed_precision=t.mixed_precision,
+        ss_clip_skip=t.clip_skip,
+        ss_noise_offset=t.noise_offset,
+        ss_min_snr_gamma=t.min_snr_gamma,
+        ss_prior_loss_weight=config.data.prior_loss_weight,
+        ss_sd_model_name=base.name,
+        ss_base_model_version=base.base_version,
+        ss_v2=base.base_version.startswith("sd_v2"),
+        ss_v_parameterization=base.prediction_type == "v_prediction",
+        ss_output_name=t.output_name,
+        ss_training_started_at=started,
+        ss_training_finished_at=finished,
+        ss_tag_frequency=dataset.tag_frequency(),
+        ss_dataset_dirs={Path(f).name: {"n_repeats": _repeats(dataset, f), "img_count": _count(dataset, f)}
+                         for f in dataset.folders},
+        ss_caption_extension=config.data.caption_extension,
+        ss_shuffle_caption=config.data.shuffle_caption,
+        ss_keep_tokens=config.data.keep_tokens,
+        modelspec_title=t.output_name,
+    )
+
+
+def _repeats(dataset: Dataset, folder: str) -> int:
+    return next((s.repeats for s in dataset.samples if str(s.path.parent) == folder), 0)
+
+
+def _count(dataset: Dataset, folder: str) -> int:
+    return sum(1 for s in dataset.samples if str(s.path.parent) == folder)
+
+
+def _now() -> str:
+    return str(datetime.now(timezone.utc).timestamp())
+
+
+def train(config: Config, base: BaseModel, dataset: Dataset, output_dir: Path,
+          on_epoch: Optional[EpochCallback] = None, cache_dir: Optional[Path] = None) -> TrainResult:
+    """Train one LoRA on an already-loaded base model; the adapter is removed on return.
+
+    Args:
+        config: The validated run config.
+        base: The base model, loaded once per process and shared by runs.
+        dataset: The checked samples.
+        output_dir: Where ``lora/`` and ``tb/`` go (must exist and be writable).
+        on_epoch: Called after each saved epoch; returning True stops training.
+        cache_dir: Latent / text cache root (default ``config.cache_dir``).
+
+    Raises:
+        TrainingError: on a NaN or infinite loss, naming the step and epoch.
+    """
+    from accelerate import Accelerator
+    from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+    from diffusers.optimization import get_scheduler
+    from torch.utils.tensorboard import SummaryWriter
+
+    t = config.train
+    device = base.device
+    check_environment(t, device)
+    accelerator = Accelerator(mixed_precision=t.mixed_precision, cpu=device.type == "cpu")
+    cache_root = Path(cache_dir or config.cache_dir)
+    resolution = config.resolution
+    unet, vae, text_encoder, tokenizer = base.unet, base.vae, base.text_encoder, base.tokenizer
+    if t.clip_skip > text_encoder.config.num_hidden_layers:
+        raise TrainingError(
+            f"train.clip_skip={t.clip_skip} but the text encoder has only "
+            f"{text_encoder.config.num_hidden_layers} layers"
+        )
+
+    latent_params = cache.cache_latents(dataset.samples, vae, resolution, module_fingerprint(vae), cache_root)
+    online_text = t.trains_text_encoder or any(s.shuffle_caption for s in dataset.samples)
+    text_cache = {} if online_text else cache.cache_text(
+        [s.caption for s in dataset.samples], tokenizer, text_encoder, t.clip_skip,
+        module_fingerprint(text_encoder), cache_root,
+    )
+
+    torch.manual_seed(t.seed)
+    random.seed(t.seed)
+    lora_io.detach(unet, text_encoder)
+    params_unet = lora_io.attach(unet, text_encoder, t)
+    try:
+        te_params = [p for n, p in text_encoder.named_parameters() if p.requires_grad]
+        unet_params = [p for p in params_unet if not any(p is q for q in te_params)]
+        groups = [{"params": unet_params, "lr": t.effective_unet_lr}]
+        if te_params:
+            groups.append({"params": te_params, "lr": t.text_encoder_lr})
+        if t.gradient_checkpointing:
+            unet.enable_gradient_checkpointing()
+        optimizer = accelerator.prepare_optimizer(_make_optimizer(t, groups, device))
+        per_epoch, max_steps = total_steps(dataset, t)
+        warmup = _warmup(t, max_steps)
+        lr_scheduler = get_scheduler(
+            t.lr_scheduler, optimizer, num_warmup_steps=warmup, num_training_steps=max_steps,
+            num_cycles=t.lr_scheduler_num_cycles, power=t.lr_scheduler_power,
+        )
+        return _loop(config, base, dataset, output_dir, on_epoch, accelerator, optimizer, lr_scheduler,
+                     latent_params, text_cache, online_text, unet_params + te_params, per_epoch,
+                     max_steps, warmup, DiagonalGaussianDistribution, SummaryWriter)
+    finally:
+        if t.gradient_checkpointing:
+            unet.disable_gradient_checkpointing()
+        lora_io.detach(unet, text_encoder)
+        unet.eval()
+        text_encoder.eval()
+
+
+def _loop(config, base, dataset, output_dir, on_epoch, accelerator, optimizer, lr_scheduler,
+          latent_params, text_cache, online_text, params, per_epoch, max_steps, warmup,
+          Gaussian, SummaryWriter) -> TrainResult:
+    t = config.train
+    device = base.device
+    unet, vae, text_encoder, tokenizer = base.unet, base.vae, base.text_encoder, base.tokenizer
+    noise_scheduler = base.noise_scheduler
+    scaling = vae.config.scaling_factor
+    shift = getattr(vae.config, "shift_factor", None) or 0.0
+    generator = torch.Generator(device=device).manual_seed(t.seed)
+    caption_rng = random.Random(t.seed)
+    lora_dir = output_dir / "lora"
+    lora_dir.mkdir(parents=True, exist_ok=True)
+    writer = SummaryWriter(log_dir=str(output_dir / "tb"))
+    result = TrainResult(output_dir=output_dir)
+    started = _now()
+    unet.train()
+    if t.trains_text_encoder:
+        text_encoder.train()
+    step = 0
+    micro = 0
+    try:
+        progress = tqdm(total=max_steps, desc="training", unit="step", dynamic_ncols=True)
+        for epoch in range(1, t.epochs + 1):
+            epoch_losses: List[float] = []
+            for batch in batches(epoch_order(dataset, t.seed, epoch), t.batch_size):
+                params_lat = torch.stack([latent_params[s.id] for s in batch]).to(device)
+                latents = (Gaussian(params_lat).sample(generator=generator) - shift) * scaling
+                noise = torch.randn(latents.shape, generator=generator, device=device)
+                if t.noise_offset:
+                    # Offset noise (Guttenberg 2023): lets the model learn overall brightness.
+                    noise = noise + t.noise_offset * torch.randn(
+                        (latents.shape[0], latents.shape[1], 1, 1), generator=generator, device=device)
+                timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],),
+                                          generator=generator, device=device)
+                noisy = noise_scheduler.add_noise(latents, noise, timesteps)
+                captions = [shuffle_caption(s.caption, s.keep_tokens, caption_rng) if s.shuffle_caption
+                            else s.caption for s in batch]
+                with accelerator.autocast():
+                    if online_text:
+                        with torch.set_grad_enabled(t.trains_text_encoder):
+                            hidden = cache.encode_text(captions, tokenizer, text_encoder, t.clip_skip)
+                    else:
+                        hidden = torch.stack([text_cache[c] for c in captions]).to(device)
+                    pred = unet(noisy, timesteps, hidden.to(unet.dtype)).sample
+                if base.prediction_type == "v_prediction":
+                    target = noise_scheduler.get_velocity(latents, noise, timesteps)
+                else:
+                    target = noise
+                per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+                if t.min_snr_gamma:
+                    per_sample = per_sample * _snr_weights(noise_scheduler, timesteps, t.min_snr_gamma,
+                                                           base.prediction_type)
+                weights = torch.tensor([config.data.prior_loss_weight if s.is_reg else 1.0 for s in batch],
+                                       device=device)
+                loss = (per_sample * weights).mean()
+                if not torch.isfinite(loss):
+                    raise TrainingError(
+                        f"loss became {loss.item()} at step {step + 1} (epoch {epoch}); the LoRA is "
+                        f"burned. Lower the learning rate (unet_lr {t.effective_unet_lr:g}) or use "
+                        "mixed_precision=no / bf16"
+                    )
+                accelerator.backward(loss / t.gradient_accumulation)
+                micro += 1
+                epoch_losses.append(loss.item())
+                last_in_epoch = len(epoch_losses) == per_epoch
+                if micro % t.gradient_accumulation == 0 or last_in_epoch:
+                    if t.max_grad_norm:
+                        accelerator.clip_grad_norm_(params, t.max_grad_norm)
+                    optimizer.step()
+                    lr_scheduler.step()
+                    optimizer.zero_grad(set_to_none=True)
+                    micro = 0
+                    step += 1
+                    avg = sum(epoch_losses) / len(epoch_losses)
+                    lrs = lr_scheduler.get_last_lr()
+                    writer.add_scalar("loss/current", loss.item(), step)
+                    writer.add_scalar("loss/average", avg, step)
+                    writer.add_scalar("lr/unet", _effective_lr(optimizer, 0, lrs[0], t.optimizer), step)
+                    if len(lrs) > 1:
+                        writer.add_scalar("lr/textencoder", _effective_lr(optimizer, 1, lrs[1], t.optimizer), step)
+                    progress.update(1)
+                    progress.set_postfix(epoch=f"{epoch}/{t.epochs}", loss=f"{avg:.4f}", lr=f"{lrs[0]:.2e}")
+            epoch_loss = sum(epoch_losses) / len(epoch_losses)
+            writer.add_scalar("loss/epoch", epoch_loss, epoch)
+            result.steps, result.epochs_done, result.final_loss = step, epoch, epoch_loss
+            last = epoch == t.epochs
+            if last or epoch % t.save_every_n_epochs == 0:
+                name = t.output_name if last else f"{t.output_name}-{epoch:06d}"
+                path = lora_dir / f"{name}.safetensors"
+                meta = _metadata(config, base, dataset, epoch=epoch, steps=step, max_steps=max_steps,
+                                 started=started, finished=_now() if last else None, warmup=warmup)
+                lora_io.save_kohya(path, lora_io.kohya_state_dict(
+                    unet, text_encoder if t.trains_text_encoder else None), meta)
+                result.lora_files[epoch] = path
+                writer.flush()
+                if on_epoch is not None and on_epoch(epoch, path, epoch_loss) and not last:
+                    result.stopped_early = True
+                    break
+        progress.close()
+    finally:
+        writer.close()
+    return result
+
+
+def _effective_lr(optimizer, group: int, lr: float, name: str) -> float:
+    """Adaptive optimizers scale lr by their own estimate ``d``: log what is applied."""
+    if name in ADAPTIVE_OPTIMIZERS:
+        g = optimizer.param_groups[group]
+        return float(g.get("d", 1.0)) * lr
+    return lr
+
+
+def prepare_output_dir(path: Path) -> bool:
+    """Create the run folder and prove it is writable; returns whether it was created here.
+
+    Raises:
+        LoraLabError: naming the folder, when it cannot be created or written.
+    """
+    existed = path.exists()
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / ".write-test"
+        probe.write_bytes(b"ok")
+        probe.unlink()
+    except OSError as exc:
+        raise LoraLabError(f"output_dir: cannot write to {path} ({exc.strerror or exc}); "
+                           "choose a writable folder with output_dir=...") from None
+    if existed and (path / "lora").exists() and any((path / "lora").iterdir()):
+        raise LoraLabError(f"output_dir: {path} already holds a trained LoRA; choose a new output_dir")
+    return not existed
+
+
+def run(config: Config) -> TrainResult:
+    """Check everything, then load the model and train (the ``python -m lora_lab.train`` job)."""
+    for warning in config.train.warnings():
+        log.warning(f"warning: {warning}")
+    device = pick_device(config.device)
+    check_environment(config.train, device)
+    cache_dir = Path(config.cache_dir)
+    dataset = load_dataset(config.data, cache_dir)
+    out = Path(config.output_dir)
+    created = prepare_output_dir(out)
+    per_epoch, steps = total_steps(dataset, config.train)
+    t = config.train
+    log.info(dataset.summary())
+    log.info(
+        f"total steps: {len(dataset.train)} images x repeats = {dataset.images_per_epoch()} per epoch"
+        f" x {t.epochs} epochs / batch {t.batch_size}"
+        + (f" / accumulation {t.gradient_accumulation}" if t.gradient_accumulation > 1 else "")
+        + f" = {steps} steps"
+    )
+    log.info(f"device: {device}, resolution {config.resolution}, output: {out}")
+    try:
+        (out / "config.yaml").write_text(to_yaml(config), encoding="utf-8")
+        started = time.time()
+        base = load_base(config.model, cache_dir, device)
+        log.info(f"loaded {base.source} in {time.time() - started:.1f}s")
+        result = train(config, base, dataset, out)
+    except BaseException as exc:
+        if created and not (out / "lora").exists():
+            shutil.rmtree(out, ignore_errors=True)
+        elif isinstance(exc, LoraLabError) and out.exists():
+            (out / "error.txt").write_text(f"{exc}\n", encoding="utf-8")
+        raise
+    log.info(f"done: {result.steps} steps, final epoch loss {result.final_loss:.4f}")
+    for epoch, path in sorted(result.lora_files.items()):
+        log.info(f"  epoch {epoch}: {path}")
+    log.info(f"TensorBoard: tensorboard --logdir {out / 'tb'}")
+    return result
+
+
+def main() -> None:
+    from lora_lab.cli import hydra_entry
+
+    hydra_entry(run)()
+
+
+if __name__ == "__main__":
+    main()
