@@ -88,7 +88,8 @@ def encode_text(captions: List[str], tokenizer, text_encoder, clip_skip: int) ->
     if clip_skip == 1:
         return text_encoder(ids)[0]
     hidden = text_encoder(ids, output_hidden_states=True).hidden_states[-clip_skip]
-    return text_encoder.text_model.final_layer_norm(hidden)
+    # transformers < 5 nests the layers under ``text_model``; 5.x flattened that level.
+    return getattr(text_encoder, "text_model", text_encoder).final_layer_norm(hidden)
 
 
 @torch.no_grad()

@@ -9,7 +9,7 @@ import sys
 from typing import Callable
 
 from lora_lab.config import Config, conf_dir, register, to_config
-from lora_lab.errors import LoraLabError
+from lora_lab.errors import ConfigError, LoraLabError
 
 
 def setup_logging() -> None:
@@ -52,7 +52,13 @@ def compose(overrides: list[str] | None = None) -> Config:
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
 
+    from hydra.errors import ConfigCompositionException
+
     register()
     with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
-        cfg = hydra_compose(config_name="config", overrides=list(overrides or []))
+        try:
+            cfg = hydra_compose(config_name="config", overrides=list(overrides or []))
+        except ConfigCompositionException as exc:
+            cause = f": {exc.__cause__}".splitlines()[0] if exc.__cause__ else ""
+            raise ConfigError(f"{exc}{cause}") from None
     return to_config(cfg)

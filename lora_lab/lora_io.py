@@ -97,10 +97,16 @@ def attach(unet, text_encoder, cfg: TrainConfig) -> List[torch.nn.Parameter]:
 
 
 def detach(unet, text_encoder) -> None:
-    """Remove every lora_lab adapter, leaving the base weights as loaded."""
+    """Remove every adapter and unwrap the peft layers: the modules are the base model's again."""
+    from diffusers.utils import recurse_remove_peft_layers
+
     for module in (unet, text_encoder):
-        if ADAPTER in (getattr(module, "peft_config", None) or {}):
-            module.delete_adapters(ADAPTER) if hasattr(module, "delete_adapters") else module.delete_adapter(ADAPTER)
+        if getattr(module, "peft_config", None) or any(hasattr(m, "base_layer") for m in module.modules()):
+            recurse_remove_peft_layers(module)
+            if hasattr(module, "peft_config"):
+                del module.peft_config
+            if hasattr(module, "_hf_peft_config_loaded"):
+                module._hf_peft_config_loaded = False
 
 
 def _lora_layers(module: torch.nn.Module):
@@ -117,11 +123,19 @@ def kohya_state_dict(unet, text_encoder=None) -> Dict[str, torch.Tensor]:
     parts = [("lora_unet_", unet)] + ([("lora_te_", text_encoder)] if text_encoder is not None else [])
     for prefix, module in parts:
         for name, layer in _lora_layers(module):
-            key = prefix + name.replace(".", "_")
+            key = prefix + _kohya_module_name(prefix, name)
             out[f"{key}.lora_down.weight"] = layer.lora_A[ADAPTER].weight.detach().float().cpu().clone()
             out[f"{key}.lora_up.weight"] = layer.lora_B[ADAPTER].weight.detach().float().cpu().clone()
             out[f"{key}.alpha"] = torch.tensor(float(layer.lora_alpha[ADAPTER]))
     return out
+
+
+def _kohya_module_name(prefix: str, name: str) -> str:
+    # kohya names text-encoder layers from CLIPTextModel's ``text_model`` child; transformers 5
+    # flattened that level away, so put it back for the file to match A1111 / kohya / ComfyUI.
+    if prefix == "lora_te_" and not name.startswith("text_model."):
+        name = "text_model." + name
+    return name.replace(".", "_")
 
 
 def model_hashes(tensors: Dict[str, torch.Tensor]) -> Dict[str, str]:

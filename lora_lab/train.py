@@ -316,13 +316,13 @@ def _loop(config, base, dataset, output_dir, on_epoch, accelerator, optimizer, l
                 if micro % t.gradient_accumulation == 0 or last_in_epoch:
                     if t.max_grad_norm:
                         accelerator.clip_grad_norm_(params, t.max_grad_norm)
+                    lrs = lr_scheduler.get_last_lr()  # the rates this step used
                     optimizer.step()
                     lr_scheduler.step()
                     optimizer.zero_grad(set_to_none=True)
                     micro = 0
                     step += 1
                     avg = sum(epoch_losses) / len(epoch_losses)
-                    lrs = lr_scheduler.get_last_lr()
                     writer.add_scalar("loss/current", loss.item(), step)
                     writer.add_scalar("loss/average", avg, step)
                     writer.add_scalar("lr/unet", _effective_lr(optimizer, 0, lrs[0], t.optimizer), step)

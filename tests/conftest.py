@@ -1,0 +1,56 @@
+"""Shared fixtures: one cache folder (tiny model, demo data) and one loaded tiny base model per session."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("cache")
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(cache_dir) -> Path:
+    from lora_lab.builtin import tiny_folder
+
+    return tiny_folder(cache_dir)
+
+
+@pytest.fixture(scope="session")
+def base(cache_dir, tiny_dir):
+    import torch
+
+    from lora_lab.config import ModelConfig
+    from lora_lab.models import load_base
+
+    return load_base(ModelConfig(), cache_dir, torch.device("cpu"))
+
+
+@pytest.fixture(scope="session")
+def demo_dir(cache_dir) -> Path:
+    from lora_lab.demo_data import demo_folder
+
+    return demo_folder(cache_dir)
+
+
+def make_config(cache_dir: Path, output_dir: Path, **train):
+    """A fast tiny-model config for tests."""
+    from lora_lab.config import Config, DataConfig, ModelConfig, TrainConfig
+
+    t = dict(network_dim=4, network_alpha=2.0, learning_rate=1e-3, epochs=2, batch_size=2, resolution=32)
+    t.update(train)
+    return Config(
+        model=ModelConfig(),
+        data=DataConfig(token="sks", repeats=1),
+        train=TrainConfig(**t),
+        output_dir=str(output_dir),
+        cache_dir=str(cache_dir),
+        device="cpu",
+    )

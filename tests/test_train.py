@@ -1,0 +1,172 @@
+"""Training on the tiny model: files, metadata, TensorBoard, determinism, NaN, optimizers."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from conftest import make_config
+from lora_lab.data import load_dataset
+from lora_lab.errors import TrainingError
+from lora_lab.train import check_environment, train
+
+
+def _run(base, cache_dir, out, **train_kw):
+    cfg = make_config(cache_dir, out, **train_kw)
+    ds = load_dataset(cfg.data, cache_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    return cfg, train(cfg, base, ds, out)
+
+
+def _scalars(tb_dir: Path) -> dict:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(tb_dir))
+    acc.Reload()
+    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+
+
+def test_epoch_files_metadata_and_tensorboard(base, cache_dir, demo_dir, tmp_path):
+    cfg, result = _run(base, cache_dir, tmp_path / "run", epochs=3, save_every_n_epochs=1)
+    lora = tmp_path / "run" / "lora"
+    assert sorted(p.name for p in lora.iterdir()) == ["last-000001.safetensors", "last-000002.safetensors",
+                                                      "last.safetensors"]
+    assert result.steps == 18  # 12 images x 1 repeat / batch 2 x 3 epochs
+    with safe_open(str(lora / "last-000002.safetensors"), framework="pt") as fh:
+        meta = fh.metadata()
+    assert meta["ss_epoch"] == "2" and meta["ss_steps"] == "12" and meta["ss_max_train_steps"] == "18"
+    assert meta["ss_network_dim"] == "4" and meta["ss_network_alpha"] == "2.0"
+    assert meta["ss_network_module"] == "networks.lora" and meta["ss_lr_scheduler"] == "constant"
+    assert meta["ss_resolution"] == "(32, 32)" and meta["ss_base_model_version"] == "sd_v1"
+    assert meta["ss_training_finished_at"] == "None"
+    import json
+
+    assert json.loads(meta["ss_tag_frequency"])["10_sks woman"]["photo of sks woman"] == 12
+    assert json.loads(meta["ss_dataset_dirs"])["10_sks woman"] == {"n_repeats": 1, "img_count": 12}
+    for key in ("ss_optimizer", "ss_seed", "ss_clip_skip", "ss_num_train_images", "ss_sd_model_name",
+                "ss_output_name", "ss_training_started_at", "sshs_model_hash", "ss_batch_size_per_device",
+                "ss_mixed_precision", "ss_noise_offset", "ss_min_snr_gamma", "ss_lr_warmup_steps",
+                "ss_num_epochs", "ss_learning_rate", "ss_unet_lr", "ss_text_encoder_lr"):
+        assert key in meta, key
+    with safe_open(str(lora / "last.safetensors"), framework="pt") as fh:
+        assert fh.metadata()["ss_training_finished_at"] != "None"
+    ups = [v for k, v in load_file(lora / "last.safetensors").items() if k.endswith("lora_up.weight")]
+    assert ups and all(v.abs().sum() > 0 for v in ups)  # training moved every up matrix off zero
+    scalars = _scalars(tmp_path / "run" / "tb")
+    assert {"loss/current", "loss/average", "lr/unet", "loss/epoch"} <= set(scalars)
+    assert [s for s, _ in scalars["loss/epoch"]] == [1, 2, 3]
+    assert len(scalars["loss/current"]) == 18
+    assert scalars["lr/unet"][0][1] == pytest.approx(1e-3)
+    # The adapter is gone afterwards: the base model is untouched for the next run.
+    assert not any("lora" in n for n, _ in base.unet.named_parameters())
+
+
+def test_same_seed_same_weights_other_seed_differs(base, cache_dir, demo_dir, tmp_path):
+    _run(base, cache_dir, tmp_path / "a", epochs=1)
+    _run(base, cache_dir, tmp_path / "b", epochs=1)
+    _run(base, cache_dir, tmp_path / "c", epochs=1, seed=7)
+    a, b, c = (load_file(tmp_path / x / "lora" / "last.safetensors") for x in "abc")
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert any(not torch.equal(a[k], c[k]) for k in a)
+
+
+def test_text_encoder_lora_and_loss_options(base, cache_dir, demo_dir, tmp_path):
+    _run(base, cache_dir, tmp_path / "te", epochs=1, text_encoder_lr=5e-4, min_snr_gamma=5.0,
+         noise_offset=0.05, clip_skip=2, lr_scheduler="cosine", lr_warmup_steps=0.5,
+         gradient_accumulation=2)
+    tensors = load_file(tmp_path / "te" / "lora" / "last.safetensors")
+    assert any(k.startswith("lora_te_text_model_encoder_layers_") for k in tensors)
+    scalars = _scalars(tmp_path / "te" / "tb")
+    lrs = [v for _, v in scalars["lr/unet"]]
+    assert len(lrs) == 3 and lrs[0] < lrs[1] and lrs[2] < lrs[1]  # one warmup step, then cosine decay
+    assert "lr/textencoder" in scalars
+
+
+def test_nan_loss_stops_with_step_and_epoch(base, cache_dir, demo_dir, tmp_path, monkeypatch):
+    from lora_lab import cache
+
+    real = cache.cache_latents
+
+    def poisoned(*args, **kwargs):
+        out = real(*args, **kwargs)
+        return {k: torch.full_like(v, float("nan")) for k, v in out.items()}
+
+    monkeypatch.setattr(cache, "cache_latents", poisoned)
+    with pytest.raises(TrainingError, match=r"loss became nan at step 1 \(epoch 1\)"):
+        _run(base, cache_dir, tmp_path / "nan", epochs=1)
+    assert not any("lora" in n for n, _ in base.unet.named_parameters())
+
+
+@pytest.mark.parametrize("optimizer,lr", [("adafactor", 1e-3), ("prodigy", 1.0), ("dadaptation", 1.0),
+                                          ("lion", 1e-4)])
+def test_optional_optimizers_train(base, cache_dir, demo_dir, tmp_path, optimizer, lr):
+    _, result = _run(base, cache_dir, tmp_path / optimizer, epochs=1, optimizer=optimizer, learning_rate=lr)
+    assert result.steps == 6 and result.final_loss == result.final_loss
+
+
+def test_cuda_only_settings_are_refused_on_cpu():
+    from lora_lab.config import TrainConfig
+
+    with pytest.raises(TrainingError, match="adamw8bit .* needs a CUDA GPU"):
+        check_environment(TrainConfig(optimizer="adamw8bit"), torch.device("cpu"))
+    with pytest.raises(TrainingError, match="mixed_precision=bf16 needs a CUDA GPU"):
+        check_environment(TrainConfig(mixed_precision="bf16"), torch.device("cpu"))
+
+
+def test_missing_optimizer_package_is_named(monkeypatch):
+    from lora_lab.config import TrainConfig
+
+    monkeypatch.setitem(sys.modules, "prodigyopt", None)  # import now raises ImportError
+    with pytest.raises(TrainingError, match="needs the package prodigyopt: pip install prodigyopt"):
+        check_environment(TrainConfig(optimizer="prodigy", learning_rate=1.0), torch.device("cpu"))
+
+
+def test_latent_cache_is_keyed_by_content(base, cache_dir, demo_dir, tmp_path):
+    from lora_lab.cache import cache_latents
+    from lora_lab.models import module_fingerprint
+
+    ds = load_dataset(make_config(cache_dir, tmp_path).data, cache_dir)
+    root = tmp_path / "c"
+    fp = module_fingerprint(base.vae)
+    first = cache_latents(ds.samples, base.vae, 32, fp, root)
+    backwards = cache_latents(list(reversed(ds.samples)), base.vae, 32, fp, root)
+    assert len(list(root.rglob("*.safetensors"))) == 12
+    assert all(torch.equal(first[k], backwards[k]) for k in first)
+    assert not torch.equal(first[ds.samples[0].id], first[ds.samples[1].id])
+
+
+def _cli(*args, cwd):
+    return subprocess.run([sys.executable, "-m", "lora_lab.train", *args], cwd=cwd, capture_output=True,
+                          text=True, timeout=600)
+
+
+def test_cli_trains_and_reports(cache_dir, tmp_path):
+    out = tmp_path / "cli"
+    proc = _cli("model=tiny", "data=demo", "train=demo", "train.epochs=1", "train.resolution=32",
+                "data.repeats=1", f"output_dir={out}", f"cache_dir={cache_dir}", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "total steps: 12 images x repeats = 12 per epoch x 1 epochs / batch 2 = 6 steps" in proc.stdout
+    assert (out / "lora" / "last.safetensors").exists() and (out / "config.yaml").exists()
+    assert list((out / "tb").glob("events.out.tfevents.*"))
+
+
+def test_cli_bad_input_fails_early_and_leaves_nothing(cache_dir, tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    proc = _cli(f"output_dir={blocker}/run", f"cache_dir={cache_dir}", cwd=tmp_path)
+    assert proc.returncode == 2 and f"error: output_dir: cannot write to {blocker}/run" in proc.stderr
+    empty = tmp_path / "empty_data"
+    empty.mkdir()
+    out = tmp_path / "never"
+    proc = _cli("data=folder", f"data.path={empty}", f"output_dir={out}", f"cache_dir={cache_dir}", cwd=tmp_path)
+    assert proc.returncode == 2 and "has no '<repeats>_<token>' folder with images" in proc.stderr
+    assert not out.exists()
+    proc = _cli("train.optimizer=adamw9bit", cwd=tmp_path)
+    assert proc.returncode == 2 and "error: train.optimizer: unknown value 'adamw9bit'" in proc.stderr
