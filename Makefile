@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml
 setup: $(STAMP)
 
 demo: $(STAMP)
-	HF_HUB_OFFLINE=1 $(PY) -m lora_lab.train model=tiny data=demo
+	HF_HUB_OFFLINE=1 $(PY) -m lora_lab.train model=tiny data=demo train=demo
 
 test: $(STAMP)
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q

@@ -269,7 +269,7 @@ def _loop(config, base, dataset, output_dir, on_epoch, accelerator, optimizer, l
     step = 0
     micro = 0
     try:
-        progress = tqdm(total=max_steps, desc="training", unit="step", dynamic_ncols=True)
+        progress = tqdm(total=max_steps, desc="training", unit="step", dynamic_ncols=True, mininterval=1.0)
         for epoch in range(1, t.epochs + 1):
             epoch_losses: List[float] = []
             for batch in batches(epoch_order(dataset, t.seed, epoch), t.batch_size):
