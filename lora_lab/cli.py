@@ -13,7 +13,10 @@ from lora_lab.errors import ConfigError, LoraLabError
 
 
 def setup_logging() -> None:
-    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
+    # Our own lines at INFO; libraries (open_clip logs to the root logger) only when they warn.
+    logging.basicConfig(level=logging.WARNING, format="%(message)s", stream=sys.stdout)
+    for ours in ("lora_lab", "__main__"):  # entry modules run as __main__ under python -m
+        logging.getLogger(ours).setLevel(logging.INFO)
     for noisy in ("diffusers", "transformers", "httpx", "huggingface_hub", "PIL"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

@@ -98,15 +98,8 @@ def attach(unet, text_encoder, cfg: TrainConfig) -> List[torch.nn.Parameter]:
 
 def detach(unet, text_encoder) -> None:
     """Remove every adapter and unwrap the peft layers: the modules are the base model's again."""
-    from diffusers.utils import recurse_remove_peft_layers
-
     for module in (unet, text_encoder):
-        if getattr(module, "peft_config", None) or any(hasattr(m, "base_layer") for m in module.modules()):
-            recurse_remove_peft_layers(module)
-            if hasattr(module, "peft_config"):
-                del module.peft_config
-            if hasattr(module, "_hf_peft_config_loaded"):
-                module._hf_peft_config_loaded = False
+        _remove_one(module)
 
 
 def _lora_layers(module: torch.nn.Module):
@@ -179,3 +172,101 @@ def kohya_metadata(**values) -> Dict[str, str]:
             value = "None"
         out[key] = str(value)
     return out
+
+
+def _module_index(unet, text_encoder) -> Dict[str, Tuple[str, torch.nn.Module, str]]:
+    """kohya LoRA name -> (part, module, module path) for every Linear / Conv2d layer."""
+    from peft.tuners.lora import LoraLayer
+
+    index = {}
+    for prefix, part, module in (("lora_unet_", "unet", unet), ("lora_te_", "text_encoder", text_encoder)):
+        for name, m in module.named_modules():
+            if isinstance(m, LoraLayer):
+                m = m.get_base_layer()
+            elif ".base_layer" in name or not isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)):
+                continue
+            index[prefix + _kohya_module_name(prefix, name)] = (part, m, name)
+    return index
+
+
+def load_into(unet, text_encoder, tensors: Dict[str, torch.Tensor], source: str = "LoRA file") -> None:
+    """Put a kohya LoRA into the models as a peft adapter (strength 1), reusing the adapter
+    already attached when its layers, ranks and alphas match (a hot swap between epochs).
+
+    Raises:
+        LoraLabError: when keys match no layer of this base model (another architecture).
+    """
+    index = _module_index(unet, text_encoder)
+    entries: Dict[str, Dict[str, tuple]] = {"unet": {}, "text_encoder": {}}
+    unknown = []
+    for key in tensors:
+        if not key.endswith(".lora_down.weight"):
+            continue
+        name = key[: -len(".lora_down.weight")]
+        lookup = "lora_te_" + name[len("lora_te1_"):] if name.startswith("lora_te1_") else name
+        if lookup not in index:
+            unknown.append(name)
+            continue
+        down, up = tensors[key], tensors.get(f"{name}.lora_up.weight")
+        if up is None:
+            raise LoraLabError(f"{source}: {name} has lora_down but no lora_up weight")
+        alpha = float(tensors[f"{name}.alpha"]) if f"{name}.alpha" in tensors else float(down.shape[0])
+        part, _, path = index[lookup]
+        entries[part][path] = (down, up, alpha)
+    if unknown:
+        raise LoraLabError(
+            f"{source}: {len(unknown)} LoRA layers match no layer of this base model (first: {unknown[0]}); "
+            "is it made for another architecture (SDXL, SD 2 vs 1.5)?"
+        )
+    if not entries["unet"] and not entries["text_encoder"]:
+        raise LoraLabError(f"{source}: no kohya LoRA weights found (keys like lora_unet_....lora_down.weight)")
+    for part, module in (("unet", unet), ("text_encoder", text_encoder)):
+        wanted = entries[part]
+        current = {name: (layer.r[ADAPTER], float(layer.lora_alpha[ADAPTER])) for name, layer in _lora_layers(module)}
+        signature = {name: (d.shape[0], a) for name, (d, _, a) in wanted.items()}
+        if current != signature:
+            _remove_one(module)
+            if wanted:
+                module.add_adapter(_config_for(wanted), adapter_name=ADAPTER)
+        layers = dict(_lora_layers(module))
+        with torch.no_grad():
+            for name, (down, up, _) in wanted.items():
+                layer = layers[name]
+                w_a, w_b = layer.lora_A[ADAPTER].weight, layer.lora_B[ADAPTER].weight
+                w_a.copy_(down.reshape(w_a.shape).to(w_a.device, w_a.dtype))
+                w_b.copy_(up.reshape(w_b.shape).to(w_b.device, w_b.dtype))
+                layer.set_scale(ADAPTER, 1.0)
+
+
+def _config_for(wanted: Dict[str, tuple]):
+    from collections import Counter
+
+    from peft import LoraConfig
+
+    rank = Counter(d.shape[0] for d, _, _ in wanted.values()).most_common(1)[0][0]
+    return LoraConfig(
+        r=rank,
+        lora_alpha=rank,
+        target_modules=sorted(wanted),
+        rank_pattern={f"^{n}$": d.shape[0] for n, (d, _, _) in wanted.items()},
+        alpha_pattern={f"^{n}$": a for n, (_, _, a) in wanted.items()},
+        init_lora_weights=False,
+    )
+
+
+def _remove_one(module) -> None:
+    from diffusers.utils import recurse_remove_peft_layers
+
+    if getattr(module, "peft_config", None) or any(hasattr(m, "base_layer") for m in module.modules()):
+        recurse_remove_peft_layers(module)
+        if hasattr(module, "peft_config"):
+            del module.peft_config
+        if hasattr(module, "_hf_peft_config_loaded"):
+            module._hf_peft_config_loaded = False
+
+
+def set_strength(unet, text_encoder, strength: float) -> None:
+    """Scale every LoRA layer (attention, conv, text encoder) to exactly ``strength`` x alpha / rank."""
+    for module in (unet, text_encoder):
+        for _, layer in _lora_layers(module):
+            layer.set_scale(ADAPTER, float(strength))

@@ -1,0 +1,121 @@
+"""The evaluation stage end to end on the tiny model, for our LoRA files and kohya's."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from PIL import Image
+from safetensors.torch import load_file, save_file
+
+from conftest import make_config
+from lora_lab.config import ClipScorerConfig, EvalConfig, FaceScorerConfig
+from lora_lab.data import load_dataset
+from lora_lab.errors import ConfigError, LoraLabError
+from lora_lab.evaluate import evaluate, list_lora_files
+from lora_lab.suite import SUITES_DIR, load_suite
+from lora_lab.train import train
+
+
+def _eval_cfg():
+    return EvalConfig(strengths=[1.0, 0.0], steps=3, seeds=[11, 22], max_prompts=1, size=32,
+                      face=FaceScorerConfig(pretrained=None),
+                      clip=ClipScorerConfig(model="lora-lab-tiny-clip", pretrained=None))
+
+
+@pytest.fixture(scope="module")
+def trained(base, cache_dir, demo_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("trained")
+    cfg = make_config(cache_dir, out, epochs=2)
+    cfg.eval = _eval_cfg()
+    cfg.data.token = "sks woman"
+    ds = load_dataset(cfg.data, cache_dir)
+    train(cfg, base, ds, out)
+    return cfg, ds, out
+
+
+def test_evaluate_writes_grids_cells_scores_and_verdict(base, trained):
+    cfg, ds, out = trained
+    result = evaluate(cfg, base, ds, out / "lora", out, progress=False)
+    assert sorted(p.name for p in (out / "grids").iterdir()) == ["p00.png", "p03.png"]
+    scores = pd.read_csv(out / "scores.csv")
+    assert len(scores) == 2 * 2 * 2 * 2  # epochs x strengths x prompts x seeds
+    assert set(scores.epoch) == {1, 2} and set(scores.strength) == {0.0, 1.0}
+    assert set(scores.prompt) == {"photo of sks woman", "photo of sks woman with red hair"}
+    assert (scores.scorer_weights == "scores not meaningful: random scorer weights").all()
+    assert len(pd.read_parquet(out / "scores.parquet")) == 16
+    cell = scores[(scores.epoch == 2) & (scores.strength == 1.0) & (scores.seed == 22)].iloc[0]
+    info = Image.open(cell.image).text["parameters"]
+    assert info.startswith(f"{cell.prompt} <lora:last:1>\nNegative prompt: lowres")
+    assert "Steps: 3, Sampler: Euler a, CFG scale: 7, Seed: 22, Size: 32x32, Model: tiny" in info
+    # The strength-0 cells of every epoch are the same base-model images.
+    base_rows = scores[scores.strength == 0.0]
+    assert base_rows.groupby(["prompt", "seed"]).image.nunique().max() == 1
+    verdict = json.loads((out / "verdict.json").read_text())
+    assert {c["verdict"] for c in verdict["cells"]} <= {"base", "underfit", "good", "overfit"}
+    assert len(verdict["cells"]) == 4 and all(c["reasons"] for c in verdict["cells"])
+    assert "scores not meaningful: random scorer weights" in verdict["notes"]
+    if verdict["best"]:
+        assert verdict["best"]["snippet"].startswith("<lora:last")
+    agg = pd.read_csv(out / "scores_agg.csv")
+    assert list(agg.columns[:3]) == ["epoch", "label", "strength"] and len(agg) == 4
+    assert result.grids and Image.open(result.grids[0]).width > 4 * 32
+
+
+def test_kohya_folder_from_another_tool_evaluates(base, trained, tmp_path):
+    cfg, ds, out = trained
+    other = tmp_path / "kohya_output"
+    other.mkdir()
+    for i, src in enumerate(["last-000001.safetensors", "last.safetensors"]):
+        tensors = load_file(out / "lora" / src)
+        save_file(tensors, str(other / f"anantn_v{i + 1}.safetensors"))  # no metadata, other names
+    files = list_lora_files(other)
+    assert [(e, p.name) for e, p, _, _ in files] == [(1, "anantn_v1.safetensors"), (2, "anantn_v2.safetensors")]
+    result = evaluate(cfg, base, ds, other, tmp_path / "eval", progress=False)
+    assert set(result.scores.label) == {"anantn_v1", "anantn_v2"}
+    assert (tmp_path / "eval" / "verdict.json").exists()
+
+
+def test_bad_lora_folders(tmp_path):
+    with pytest.raises(LoraLabError, match="is not a folder of LoRA files"):
+        list_lora_files(tmp_path / "missing")
+    (tmp_path / "model.ckpt").write_bytes(b"x")
+    with pytest.raises(LoraLabError, match=r"holds no .safetensors LoRA files \(found model.ckpt"):
+        list_lora_files(tmp_path)
+
+
+@pytest.mark.parametrize("name", sorted(p.stem for p in SUITES_DIR.glob("*.yaml")))
+def test_shipped_suites_load(name):
+    suite = load_suite(name, "anantn")
+    assert suite.kind in ("person", "object", "style")
+    assert all("anantn" in p.text for p in suite.prompts)
+    assert any(p.kind == "adaptability" and p.judge for p in suite.prompts)
+
+
+def test_suite_errors(tmp_path):
+    bad = tmp_path / "mine.yaml"
+    bad.write_text("kind: person\nlikeness: ['photo of a man']\n")
+    with pytest.raises(ConfigError, match=r"prompt 'photo of a man' has no \{token\} placeholder"):
+        load_suite(str(bad), "sks")
+    with pytest.raises(ConfigError, match="eval.suite: 'robots' is not a suite file; built-in suites: object, person"):
+        load_suite("robots", "sks")
+
+
+def test_evaluate_cli(trained, cache_dir, tmp_path):
+    _, _, out = trained
+    proc = subprocess.run(
+        [sys.executable, "-m", "lora_lab.evaluate", f"lora_dir={out / 'lora'}", "model=tiny", "data=demo",
+         "eval=quick", "eval.steps=2", "eval.seeds=[1]", "eval.strengths=[0,1]", "eval.max_prompts=1",
+         "eval.size=32", f"eval.output_dir={tmp_path / 'ev'}", f"cache_dir={cache_dir}"],
+        capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "note: scores not meaningful: random scorer weights" in proc.stdout
+    assert "epoch  strength  verdict" in proc.stdout
+    assert (tmp_path / "ev" / "verdict.json").exists()
+    proc = subprocess.run([sys.executable, "-m", "lora_lab.evaluate", f"lora_dir={out / 'lora'}",
+                           "eval.sampler=Euler b"], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 2 and "eval.sampler: unknown value 'Euler b'" in proc.stderr

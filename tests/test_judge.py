@@ -1,0 +1,78 @@
+"""Verdicts from constructed scores: known underfit, good and overfit cells, and the best pick."""
+
+from __future__ import annotations
+
+import math
+
+import pandas as pd
+
+from lora_lab.config import JudgeConfig
+from lora_lab.judge import aggregate, best_cell, judge, verdict_document
+
+RED = "adherence::photo of sks with red hair"
+
+
+def _cell(epoch, strength, likeness, red, copy=0.5, div=0.3, face_rate=1.0):
+    return {"epoch": epoch, "label": f"last-{epoch:06d}", "strength": strength, "likeness": likeness,
+            "face_rate": face_rate, "clip_i": 0.5, "adherence": red, RED: red, "copy_similarity": copy,
+            "copy_reference": "07.png", "diversity": div}
+
+
+def _table():
+    return pd.DataFrame([
+        _cell(1, 0.0, 0.20, 28.9),        # base model
+        _cell(1, 1.0, 0.25, 28.0),        # gain 0.05 / 0.6 = 8%: underfit
+        _cell(2, 0.7, 0.60, 27.5),        # gain 67%: good
+        _cell(2, 1.0, 0.70, 21.3),        # red hair prompt collapsed: overfit
+        _cell(3, 1.0, 0.75, 28.0, copy=0.97),  # near copy of a training image: overfit
+        _cell(3, 0.5, 0.65, 27.0, div=0.05),   # seeds all look alike: overfit
+    ])
+
+
+def test_verdicts_and_reasons():
+    judged = judge(_table(), ceiling=0.80, cfg=JudgeConfig())
+    v = {(r.epoch, r.strength): r for r in judged.itertuples()}
+    assert v[(1, 0.0)].verdict == "base"
+    assert v[(1, 1.0)].verdict == "underfit"
+    assert "likeness 0.250 is 8% of the way from base 0.200 to the references' ceiling 0.800" in v[(1, 1.0)].reasons[0]
+    assert v[(2, 0.7)].verdict == "good" and math.isclose(v[(2, 0.7)].gain, 0.4 / 0.6)
+    assert v[(2, 1.0)].verdict == "overfit"
+    assert v[(2, 1.0)].reasons == ["'photo of sks with red hair': CLIP 21.3 vs base 28.9"]
+    assert v[(3, 1.0)].verdict == "overfit" and "nearly copies training image 07.png (CLIP-I 0.970" in v[(3, 1.0)].reasons[0]
+    assert v[(3, 0.5)].reasons == ["diversity across seeds 0.050 vs base 0.300"]
+
+
+def test_thresholds_are_config_values():
+    lenient = JudgeConfig(adherence_drop=0.3, underfit_gain=0.05)
+    v = {(r.epoch, r.strength): r.verdict for r in judge(_table(), 0.80, lenient).itertuples()}
+    assert v[(2, 1.0)] == "good"  # 21.3 is within 30% of 28.9
+    assert v[(1, 1.0)] == "good"  # an 8% gain is enough at 5%
+
+
+def test_best_cell_is_highest_combined_non_overfit():
+    judged = judge(_table(), 0.80, JudgeConfig())
+    best = best_cell(judged)
+    assert (best.epoch, best.strength) == (2, 0.7)
+    doc = verdict_document(judged, 0.80, JudgeConfig(), {"last-000002": "/x/last-000002.safetensors"}, ["n"])
+    assert doc["best"]["snippet"] == "<lora:last-000002:0.7>"
+    assert doc["best"]["file"] == "/x/last-000002.safetensors"
+    assert doc["best"]["epoch"] == 2 and doc["best"]["verdict"] == "good"
+
+
+def test_no_best_when_everything_overfits():
+    t = pd.DataFrame([_cell(1, 0.0, 0.2, 28.9), _cell(1, 1.0, 0.7, 10.0)])
+    assert best_cell(judge(t, 0.8, JudgeConfig())) is None
+
+
+def test_no_face_is_a_miss_not_a_zero():
+    rows = []
+    for strength, detected, like in ((0.0, [True, True], [0.2, 0.3]), (1.0, [True, False], [0.7, float("nan")])):
+        for seed, (d, l) in enumerate(zip(detected, like)):
+            rows.append({"epoch": 1, "label": "a", "strength": strength, "prompt_kind": "likeness",
+                         "prompt": "photo of sks", "seed": seed, "face_detected": d, "face_likeness": l,
+                         "clip_i": 0.5, "clip_i_max": 0.6, "closest_reference": "r.png",
+                         "clip_adherence": float("nan"), "diversity": 0.2})
+    agg = aggregate(pd.DataFrame(rows), "person").set_index("strength")
+    assert agg.loc[1.0, "likeness"] == 0.7  # the miss is not averaged in as 0
+    assert agg.loc[1.0, "face_rate"] == 0.5
+    assert math.isclose(agg.loc[0.0, "likeness"], 0.25)

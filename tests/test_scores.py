@@ -1,0 +1,73 @@
+"""Scorers on real code paths: MTCNN finds the demo face, CLIP score convention, random-weight notes."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from lora_lab.config import ClipScorerConfig, FaceScorerConfig
+from lora_lab.errors import ConfigError
+from lora_lab.scores import RANDOM_NOTE, Scorer, diversity
+
+TINY_CLIP = ClipScorerConfig(model="lora-lab-tiny-clip", pretrained=None)
+
+
+@pytest.fixture(scope="module")
+def scorer():
+    return Scorer("person", FaceScorerConfig(pretrained=None), TINY_CLIP, torch.device("cpu"))
+
+
+def test_references_and_face_detection(scorer, demo_dir):
+    paths = sorted((demo_dir / "10_sks woman").glob("*.png"))
+    ref = scorer.references(paths)
+    assert ref.face_rate == 1.0 and ref.faces.shape == (12, 512)
+    assert 0 < ref.face_ceiling <= 1 and 0 < ref.clip_ceiling <= 1
+    noise = Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8))
+    real = Image.open(paths[0])
+    rows = scorer.score([noise, real], [None, "a photo of a person with red hair"], ref)
+    assert rows[0]["face_detected"] is False and math.isnan(rows[0]["face_likeness"])
+    assert rows[1]["face_detected"] is True and -1 <= rows[1]["face_likeness"] <= 1
+    assert math.isnan(rows[0]["clip_adherence"])
+    # torchmetrics' CLIPScore convention: 100 * max(cos, 0).
+    img = scorer.clip.images([real])[0]
+    txt = scorer.clip.texts(["a photo of a person with red hair"])[0]
+    assert rows[1]["clip_adherence"] == pytest.approx(100 * max(float(img @ txt), 0.0), abs=1e-4)
+    assert rows[1]["closest_reference"] == paths[0].name and rows[1]["clip_i_max"] == pytest.approx(1.0, abs=1e-5)
+    assert rows[1]["clip_model"] == "lora-lab-tiny-clip/random"
+
+
+def test_random_weights_are_said_plainly(scorer, monkeypatch):
+    assert scorer.random_weights and RANDOM_NOTE in scorer.notes
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    offline = Scorer("object", FaceScorerConfig(), ClipScorerConfig(model="lora-lab-tiny-clip", pretrained="openai"),
+                     torch.device("cpu"))
+    assert offline.random_weights and offline.face is None
+    assert "scores not meaningful: random scorer weights" in offline.notes
+
+
+def test_local_scorer_weights_load(tmp_path, scorer):
+    from safetensors.torch import save_file
+
+    path = tmp_path / "clip.safetensors"
+    save_file({k: v.contiguous() for k, v in scorer.clip.model.state_dict().items()}, str(path))
+    loaded = Scorer("style", FaceScorerConfig(), ClipScorerConfig(model="lora-lab-tiny-clip", pretrained=str(path)),
+                    torch.device("cpu"))
+    assert not loaded.random_weights and RANDOM_NOTE not in loaded.notes
+    with pytest.raises(ConfigError, match="eval.clip.pretrained: .* does not exist"):
+        Scorer("style", FaceScorerConfig(), ClipScorerConfig(model="lora-lab-tiny-clip",
+                                                             pretrained=str(tmp_path / "no.safetensors")),
+               torch.device("cpu"))
+    with pytest.raises(ConfigError, match="eval.clip.model: unknown open_clip model 'ViT-Q-99'"):
+        Scorer("style", FaceScorerConfig(), ClipScorerConfig(model="ViT-Q-99"), torch.device("cpu"))
+
+
+def test_diversity():
+    a = torch.tensor([1.0, 0.0])
+    b = torch.tensor([0.0, 1.0])
+    assert diversity([a, a]) == pytest.approx(0.0)
+    assert diversity([a, b]) == pytest.approx(1.0)
+    assert math.isnan(diversity([a]))
