@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml
 setup: $(STAMP)
 
 demo: $(STAMP)
-	HF_HUB_OFFLINE=1 $(PY) -m lora_lab.train model=tiny data=demo train=demo
+	HF_HUB_OFFLINE=1 $(PY) -m lora_lab.sweep +sweep=scheduler
 
 test: $(STAMP)
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q

@@ -301,7 +301,8 @@ class JudgeConfig:
         adherence_drop: overfit when an adaptability prompt's CLIP score falls more than this
             fraction below the base model's on the same prompt and seeds.
         copy_threshold: overfit when a generation's CLIP image similarity to one training
-            image reaches this (a near copy).
+            image reaches this (a near copy) and is at least halfway from the base model's
+            similarity to 1.
         diversity_drop: overfit when diversity across seeds falls more than this fraction
             below the base model's.
         likeness_weight / adherence_weight: the combined score that picks the best cell:
@@ -367,6 +368,99 @@ class EvalConfig:
             _require(self.max_prompts >= 1, "eval.max_prompts", "must be >= 1")
 
 
+SWEEP_SAMPLERS = ("grid", "tpe", "random")
+PRUNERS = ("none", "median")
+OBJECTIVES = ("combined", "likeness", "adherence", "gain")
+_NOT_SWEEPABLE = ("model.", "cache_dir", "device", "sweep.", "output_dir", "lora_dir")
+
+
+@dataclass
+class PruneEvalConfig:
+    """The cheap evaluation after each saved epoch that feeds the pruner."""
+
+    max_prompts: int = 1
+    seeds: List[int] = field(default_factory=lambda: [1234])
+    strengths: List[float] = field(default_factory=lambda: [0.0, 1.0])
+    steps: Optional[int] = None
+
+
+@dataclass
+class SweepConfig:
+    """A study: what varies between trials and how trials are chosen (a ``conf/sweep/*.yaml``).
+
+    Attributes:
+        name: Study name; results land in ``<root>/<name>/``.
+        grid: Config path -> list of values (every combination is one trial).
+        variants: Named bundles of config values, swept as one parameter ``variant``
+            (prodigy with its lr = 1.0, rank 32 with alpha 16 ...).
+        space: Config path -> {type: float|int|categorical, low, high, log, choices} for TPE/random.
+        fixed: Config path -> value applied to every trial.
+        n_trials: Trials in all (grid: default every combination).
+        sampler: grid, tpe or random.
+        pruner: none or median (Optuna's MedianPruner on the per-epoch cheap evaluation).
+        pruner_startup_trials: Trials that always run to the end before pruning starts.
+        objective: combined, likeness, adherence or gain of the best cell (evaluation stage).
+        direction: maximize or minimize.
+        storage: null = a journal file in the study folder (one machine); a database URL
+            (postgresql://...) for workers on several machines.
+        workers: Worker processes on this machine.
+        root: Folder that holds the studies.
+    """
+
+    name: str = "sweep"
+    grid: Dict[str, List[Any]] = field(default_factory=dict)
+    variants: Dict[str, Dict[str, Any]] = field(default_factory=dict)
+    space: Dict[str, Dict[str, Any]] = field(default_factory=dict)
+    fixed: Dict[str, Any] = field(default_factory=dict)
+    n_trials: Optional[int] = None
+    sampler: str = "grid"
+    pruner: str = "median"
+    pruner_startup_trials: int = 2
+    objective: str = "combined"
+    direction: str = "maximize"
+    storage: Optional[str] = None
+    workers: int = 1
+    seed: int = 0
+    root: str = "sweeps"
+    prune_eval: PruneEvalConfig = field(default_factory=PruneEvalConfig)
+
+    def __post_init__(self) -> None:
+        _require(bool(self.name) and all(c.isalnum() or c in "-_." for c in self.name), "sweep.name",
+                 f"must be a folder name of letters, digits, '-', '_' or '.', got {self.name!r}")
+        _choice(self.sampler, "sweep.sampler", SWEEP_SAMPLERS)
+        _choice(self.pruner, "sweep.pruner", PRUNERS)
+        _choice(self.objective, "sweep.objective", OBJECTIVES)
+        _choice(self.direction, "sweep.direction", ("maximize", "minimize"))
+        _require(self.workers >= 1, "sweep.workers", "must be >= 1")
+        if self.sampler == "grid":
+            _require(bool(self.grid or self.variants), "sweep.grid",
+                     "a grid sweep needs sweep.grid or sweep.variants")
+            _require(not self.space, "sweep.space", "is for sampler tpe or random, not grid")
+        else:
+            _require(bool(self.n_trials), "sweep.n_trials", f"sampler {self.sampler} needs a trial count")
+        for key in list(self.grid) + list(self.space) + list(self.fixed) + \
+                [k for v in self.variants.values() for k in v]:
+            _require(not key.startswith(_NOT_SWEEPABLE), f"sweep key {key}",
+                     "cannot vary within a study (the base model and device are loaded once per worker)")
+        for key, values in self.grid.items():
+            _require(isinstance(values, list) and len(values) > 0, f"sweep.grid.{key}", "needs a list of values")
+        for key, spec in self.space.items():
+            kind = spec.get("type")
+            _require(kind in ("float", "int", "categorical"), f"sweep.space.{key}.type",
+                     f"must be float, int or categorical, got {kind!r}")
+            if kind == "categorical":
+                _require(bool(spec.get("choices")), f"sweep.space.{key}.choices", "needs a list")
+            else:
+                _require("low" in spec and "high" in spec and spec["low"] < spec["high"],
+                         f"sweep.space.{key}", "needs low < high")
+
+    def grid_size(self) -> int:
+        n = max(1, len(self.variants))
+        for values in self.grid.values():
+            n *= len(values)
+        return n
+
+
 @dataclass
 class Config:
     """The whole run: model, data, training, evaluation and where outputs go.
@@ -386,6 +480,7 @@ class Config:
     cache_dir: str = "sweeps/.cache"
     device: str = "auto"
     lora_dir: Optional[str] = None
+    sweep: Optional[SweepConfig] = None
 
     def __post_init__(self) -> None:
         _require(

@@ -78,10 +78,13 @@ def judge(agg: pd.DataFrame, ceiling: float, cfg: JudgeConfig) -> pd.DataFrame:
             a, a0 = cell[col], base.get(col, math.nan)
             if _ok(a) and _ok(a0) and a0 > 0 and a < (1 - cfg.adherence_drop) * a0:
                 why_over.append(f"'{col.split('::', 1)[1]}': CLIP {a:.1f} vs base {a0:.1f}")
-        if _ok(cell.copy_similarity) and cell.copy_similarity >= cfg.copy_threshold and \
-                not cell.copy_similarity <= base.copy_similarity:  # the base model is no copy
+        # A near copy is judged against what the base model already does: the cell must pass
+        # copy_threshold and be at least halfway from the base model's similarity to identity.
+        copy_bar = max(cfg.copy_threshold, (1 + base.copy_similarity) / 2) if _ok(base.copy_similarity) \
+            else cfg.copy_threshold
+        if _ok(cell.copy_similarity) and cell.copy_similarity >= copy_bar:
             why_over.append(f"nearly copies training image {cell.copy_reference} "
-                            f"(CLIP-I {cell.copy_similarity:.3f} >= {cfg.copy_threshold:g})")
+                            f"(CLIP-I {cell.copy_similarity:.3f} >= {copy_bar:.3g}; base {base.copy_similarity:.3f})")
         d, d0 = cell.diversity, base.diversity
         if _ok(d) and _ok(d0) and d0 > 0 and d < (1 - cfg.diversity_drop) * d0:
             why_over.append(f"diversity across seeds {d:.3f} vs base {d0:.3f}")

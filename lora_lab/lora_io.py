@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import warnings
 from pathlib import Path
+from contextlib import contextmanager
 from typing import Dict, List, Tuple
 
 import torch
@@ -25,7 +27,8 @@ from lora_lab.cache import atomic_save
 from lora_lab.config import TrainConfig
 from lora_lab.errors import LoraLabError
 
-ADAPTER = "lora_lab"
+ADAPTER = "lora_lab"  # the adapter being trained
+EVAL_ADAPTER = "lora_lab_eval"  # a LoRA file loaded for rendering, beside a training adapter if any
 # kohya targets every Linear / 1x1 conv inside Transformer2DModel blocks ...
 _UNET_ATTENTION = ("proj_in", "proj_out", "to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2")
 # ... and, with conv_dim (LoCon), the layers of ResNet and resampling blocks.
@@ -102,12 +105,38 @@ def detach(unet, text_encoder) -> None:
         _remove_one(module)
 
 
-def _lora_layers(module: torch.nn.Module):
+def _lora_layers(module: torch.nn.Module, adapter: str = ADAPTER):
     from peft.tuners.lora import LoraLayer
 
     for name, m in module.named_modules():
-        if isinstance(m, LoraLayer) and ADAPTER in m.lora_A:
+        if isinstance(m, LoraLayer) and adapter in m.lora_A:
             yield name, m
+
+
+def _tuner_layers(module: torch.nn.Module):
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    return [m for m in module.modules() if isinstance(m, BaseTunerLayer)]
+
+
+def _activate(module: torch.nn.Module, adapter: str) -> None:
+    """Make ``adapter`` the only active adapter on every LoRA layer (peft's layer API)."""
+    for layer in _tuner_layers(module):
+        layer.set_adapter(adapter)
+        layer.enable_adapters(True)
+
+
+@contextmanager
+def adapters_disabled(*modules: torch.nn.Module):
+    """Run the base model: every LoRA layer bypassed, then restored."""
+    layers = [layer for m in modules for layer in _tuner_layers(m)]
+    for layer in layers:
+        layer.enable_adapters(False)
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.enable_adapters(True)
 
 
 def kohya_state_dict(unet, text_encoder=None) -> Dict[str, torch.Tensor]:
@@ -189,9 +218,11 @@ def _module_index(unet, text_encoder) -> Dict[str, Tuple[str, torch.nn.Module, s
     return index
 
 
-def load_into(unet, text_encoder, tensors: Dict[str, torch.Tensor], source: str = "LoRA file") -> None:
-    """Put a kohya LoRA into the models as a peft adapter (strength 1), reusing the adapter
-    already attached when its layers, ranks and alphas match (a hot swap between epochs).
+def load_into(unet, text_encoder, tensors: Dict[str, torch.Tensor], source: str = "LoRA file",
+              adapter: str = EVAL_ADAPTER) -> None:
+    """Put a kohya LoRA into the models as the only active peft adapter (strength 1), reusing
+    the adapter already there when its layers, ranks and alphas match (a hot swap between
+    epochs). A training adapter, if any, stays in place, inactive, until :func:`unload`.
 
     Raises:
         LoraLabError: when keys match no layer of this base model (another architecture).
@@ -222,20 +253,47 @@ def load_into(unet, text_encoder, tensors: Dict[str, torch.Tensor], source: str 
         raise LoraLabError(f"{source}: no kohya LoRA weights found (keys like lora_unet_....lora_down.weight)")
     for part, module in (("unet", unet), ("text_encoder", text_encoder)):
         wanted = entries[part]
-        current = {name: (layer.r[ADAPTER], float(layer.lora_alpha[ADAPTER])) for name, layer in _lora_layers(module)}
+        current = {name: (layer.r[adapter], float(layer.lora_alpha[adapter]))
+                   for name, layer in _lora_layers(module, adapter)}
         signature = {name: (d.shape[0], a) for name, (d, _, a) in wanted.items()}
         if current != signature:
-            _remove_one(module)
+            _delete_adapter(module, adapter)
             if wanted:
-                module.add_adapter(_config_for(wanted), adapter_name=ADAPTER)
-        layers = dict(_lora_layers(module))
+                with warnings.catch_warnings():  # a training adapter beside it is intended
+                    warnings.filterwarnings("ignore", message="Already found a `peft_config`")
+                    module.add_adapter(_config_for(wanted), adapter_name=adapter)
+        _activate(module, adapter)
+        layers = dict(_lora_layers(module, adapter))
         with torch.no_grad():
             for name, (down, up, _) in wanted.items():
                 layer = layers[name]
-                w_a, w_b = layer.lora_A[ADAPTER].weight, layer.lora_B[ADAPTER].weight
+                w_a, w_b = layer.lora_A[adapter].weight, layer.lora_B[adapter].weight
                 w_a.copy_(down.reshape(w_a.shape).to(w_a.device, w_a.dtype))
                 w_b.copy_(up.reshape(w_b.shape).to(w_b.device, w_b.dtype))
-                layer.set_scale(ADAPTER, 1.0)
+                layer.set_scale(adapter, 1.0)
+
+
+def unload(unet, text_encoder, adapter: str = EVAL_ADAPTER) -> None:
+    """Remove one adapter; a training adapter left behind becomes active again."""
+    for module in (unet, text_encoder):
+        _delete_adapter(module, adapter)
+        if any(True for _ in _lora_layers(module, ADAPTER)):
+            _activate(module, ADAPTER)
+
+
+def _delete_adapter(module, adapter: str) -> None:
+    names = set(getattr(module, "peft_config", None) or {})
+    if adapter not in names:
+        return
+    if names == {adapter}:
+        _remove_one(module)  # the last adapter: unwrap, the modules are the base model's again
+        return
+    with warnings.catch_warnings():  # peft says which adapter becomes active: unload decides
+        warnings.filterwarnings("ignore", message="Adapter .* was active which is now deleted")
+        for layer in _tuner_layers(module):
+            if adapter in getattr(layer, "lora_A", {}):
+                layer.delete_adapter(adapter)
+    module.peft_config.pop(adapter)
 
 
 def _config_for(wanted: Dict[str, tuple]):
@@ -265,8 +323,8 @@ def _remove_one(module) -> None:
             module._hf_peft_config_loaded = False
 
 
-def set_strength(unet, text_encoder, strength: float) -> None:
+def set_strength(unet, text_encoder, strength: float, adapter: str = EVAL_ADAPTER) -> None:
     """Scale every LoRA layer (attention, conv, text encoder) to exactly ``strength`` x alpha / rank."""
     for module in (unet, text_encoder):
-        for _, layer in _lora_layers(module):
-            layer.set_scale(ADAPTER, float(strength))
+        for _, layer in _lora_layers(module, adapter):
+            layer.set_scale(adapter, float(strength))

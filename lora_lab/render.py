@@ -155,10 +155,11 @@ def render(pipe, lora_files: Sequence[Tuple[int, Path, Dict[str, torch.Tensor], 
     total = len(prompts) * (1 + len(lora_files) * len(lora_strengths)) * len(settings.seeds)
     bar = tqdm(total=total, desc="rendering", unit="img", disable=not progress, mininterval=1.0)
     cells: List[Cell] = []
-    lora_io.detach(unet, text_encoder)
     base_cells: Dict[Tuple[int, int], Path] = {}
     for prompt in prompts:
-        for seed, image in zip(settings.seeds, _generate(pipe, prompt.text, settings)):
+        with lora_io.adapters_disabled(unet, text_encoder):  # the base model, even mid-training
+            images = _generate(pipe, prompt.text, settings)
+        for seed, image in zip(settings.seeds, images):
             path = out_dir / "cells" / "base" / f"p{prompt.index:02d}_seed{seed}.png"
             _save_png(image, path, infotext(prompt.text, settings, seed, None, 0.0, None))
             base_cells[(prompt.index, seed)] = path
@@ -183,7 +184,7 @@ def render(pipe, lora_files: Sequence[Tuple[int, Path, Dict[str, torch.Tensor], 
                         cells.append(Cell(epoch, label, float(strength), prompt, seed, path, lora_path))
                         bar.update(1)
     finally:
-        lora_io.detach(unet, text_encoder)
+        lora_io.unload(unet, text_encoder)
         bar.close()
     return cells
 

@@ -28,11 +28,19 @@ def test_every_group_option_composes(group, option):
         assert cfg.model.name == option
 
 
-def test_default_is_tiny_demo_and_kohya_alpha():
+def test_default_is_tiny_demo_with_cpu_sized_settings():
     cfg = compose()
     assert cfg.model.builtin == "tiny" and cfg.data.builtin == "demo"
-    assert cfg.train.network_alpha == 1  # kohya's default: scale 1/dim
-    assert cfg.resolution == 64
+    assert cfg.resolution == 64 and cfg.train.epochs == 3
+    assert cfg.eval.clip.model == "lora-lab-tiny-clip" and cfg.eval.face.pretrained is None
+    assert compose(["train.epochs=7"]).train.epochs == 7  # the command line still wins
+
+
+def test_real_models_keep_kohya_defaults_and_real_scorers():
+    cfg = compose(["model=sd15", "model.pretrained=/m.safetensors"])
+    assert cfg.train.network_alpha == 1 and cfg.train.network_dim == 8  # kohya: scale alpha/dim
+    assert cfg.eval.clip.model == "ViT-L-14" and cfg.eval.face.pretrained == "vggface2"
+    assert cfg.resolution == 512
 
 
 def test_sd21_preset_is_v_prediction():

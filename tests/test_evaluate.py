@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
@@ -109,7 +110,7 @@ def test_evaluate_cli(trained, cache_dir, tmp_path):
     _, _, out = trained
     proc = subprocess.run(
         [sys.executable, "-m", "lora_lab.evaluate", f"lora_dir={out / 'lora'}", "model=tiny", "data=demo",
-         "eval=quick", "eval.steps=2", "eval.seeds=[1]", "eval.strengths=[0,1]", "eval.max_prompts=1",
+         "eval.steps=2", "eval.seeds=[1]", "eval.strengths=[0,1]", "eval.max_prompts=1",
          "eval.size=32", f"eval.output_dir={tmp_path / 'ev'}", f"cache_dir={cache_dir}"],
         capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -119,3 +120,27 @@ def test_evaluate_cli(trained, cache_dir, tmp_path):
     proc = subprocess.run([sys.executable, "-m", "lora_lab.evaluate", f"lora_dir={out / 'lora'}",
                            "eval.sampler=Euler b"], capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert proc.returncode == 2 and "eval.sampler: unknown value 'Euler b'" in proc.stderr
+
+
+def test_evaluating_mid_training_leaves_training_untouched(base, cache_dir, demo_dir, tmp_path):
+    """The sweep's per-epoch evaluation swaps files into the pipeline being trained."""
+    cfg = make_config(cache_dir, tmp_path / "plain", epochs=2)
+    cfg.eval = _eval_cfg()
+    cfg.data.token = "sks woman"
+    ds = load_dataset(cfg.data, cache_dir)
+    (tmp_path / "plain").mkdir()
+    train(cfg, base, ds, tmp_path / "plain")
+    seen = []
+
+    def on_epoch(epoch, path, loss):
+        ev = evaluate(cfg, base, ds, path.parent, tmp_path / "mid" / f"e{epoch}", progress=False, epochs=[epoch])
+        seen.append(len(ev.scores))
+        return False
+
+    cfg.output_dir = str(tmp_path / "with_eval")
+    (tmp_path / "with_eval").mkdir()
+    train(cfg, base, ds, tmp_path / "with_eval", on_epoch=on_epoch)
+    assert seen == [8, 8]
+    a = load_file(tmp_path / "plain" / "lora" / "last.safetensors")
+    b = load_file(tmp_path / "with_eval" / "lora" / "last.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)

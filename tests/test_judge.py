@@ -76,3 +76,11 @@ def test_no_face_is_a_miss_not_a_zero():
     assert agg.loc[1.0, "likeness"] == 0.7  # the miss is not averaged in as 0
     assert agg.loc[1.0, "face_rate"] == 0.5
     assert math.isclose(agg.loc[0.0, "likeness"], 0.25)
+
+
+def test_copy_is_judged_against_the_base_model():
+    t = pd.DataFrame([_cell(1, 0.0, 0.2, 28.9, copy=0.96), _cell(1, 1.0, 0.7, 28.0, copy=0.97),
+                      _cell(2, 1.0, 0.7, 28.0, copy=0.985)])
+    v = {(r.epoch, r.strength): r for r in judge(t, 0.8, JudgeConfig()).itertuples()}
+    assert v[(1, 1.0)].verdict == "good"  # no closer to a training image than the base model is
+    assert v[(2, 1.0)].verdict == "overfit" and "CLIP-I 0.985 >= 0.98; base 0.960" in v[(2, 1.0)].reasons[0]

@@ -149,7 +149,7 @@ def _cli(*args, cwd):
 
 def test_cli_trains_and_reports(cache_dir, tmp_path):
     out = tmp_path / "cli"
-    proc = _cli("model=tiny", "data=demo", "train=demo", "train.epochs=1", "train.resolution=32",
+    proc = _cli("model=tiny", "data=demo", "train.epochs=1", "train.resolution=32",
                 "data.repeats=1", f"output_dir={out}", f"cache_dir={cache_dir}", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "total steps: 12 images x repeats = 12 per epoch x 1 epochs / batch 2 = 6 steps" in proc.stdout

@@ -1,0 +1,415 @@
+"""Sweeps: ``python -m lora_lab.sweep +sweep=scheduler`` runs one training run + evaluation
+per Optuna trial, resumable, pruned on per-epoch scores, with a leaderboard at the end.
+
+The only module that imports optuna. A study lives in ``<sweep.root>/<sweep.name>/``: the
+storage (a journal file, or a database URL for several machines), ``study.json``, one
+``trial_<n>/`` folder per trial and the leaderboard. Running the same command again resumes:
+finished trials are kept, a trial whose worker died is retried, every grid point runs once.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import logging
+import math
+import os
+import socket
+import time
+import traceback
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, Dict, Optional, Tuple
+
+from omegaconf import OmegaConf
+
+from lora_lab import leaderboard
+from lora_lab.config import Config, ConfigError, to_config, to_yaml
+from lora_lab.errors import LoraLabError
+from lora_lab.files import atomic_write_text
+
+log = logging.getLogger("lora_lab.sweep")
+RUNNING, COMPLETE, PRUNED, FAILED = "running", "complete", "pruned", "failed"
+
+
+def _flat_keys(node, prefix: str = "") -> list:
+    out = []
+    for key, value in node.items():
+        path = f"{prefix}{key}"
+        out.append(path)
+        if isinstance(value, dict) and key not in ("optimizer_args",):
+            out += _flat_keys(value, path + ".")
+    return out
+
+
+def check_keys(config: Config) -> None:
+    """Every grid, space, variant and fixed key must be a path in the config.
+
+    Raises:
+        ConfigError: naming the key and the closest real paths.
+    """
+    sweep = config.sweep
+    known = _flat_keys(OmegaConf.to_container(OmegaConf.structured(replace(config, sweep=None))))
+    keys = [("sweep.grid", k) for k in sweep.grid] + [("sweep.space", k) for k in sweep.space] + \
+        [("sweep.fixed", k) for k in sweep.fixed] + \
+        [(f"sweep.variants.{name}", k) for name, v in sweep.variants.items() for k in v]
+    for where, key in keys:
+        if key not in known:
+            close = difflib.get_close_matches(key, known, n=3)
+            hint = f"; did you mean {', '.join(close)}?" if close else ""
+            raise ConfigError(f"{where}: {key!r} is not a config path (like train.lr_scheduler){hint}")
+
+
+def trial_config(config: Config, params: Dict[str, Any], trial_dir: Path) -> Config:
+    """The study's config with the fixed values, the trial's parameters and its folder applied."""
+    sweep = config.sweep
+    node = OmegaConf.structured(replace(config, sweep=None))
+    values = dict(sweep.fixed)
+    for key, value in params.items():
+        if key == "variant":
+            values.update(sweep.variants[value])
+        else:
+            values[key] = value
+    for key, value in values.items():
+        OmegaConf.update(node, key, value, merge=False)
+    node.output_dir = str(trial_dir)
+    if "train.output_name" not in values:
+        # Unique file names across trials, so <lora:name:0.7> means one file in A1111's folder.
+        node.train.output_name = f"{sweep.name}_{trial_dir.name}"
+    out = to_config(node)
+    out.sweep = sweep
+    return out
+
+
+def _objective_value(verdict: dict, judged, objective: str) -> float:
+    """The best non-overfit cell's metric; 0 when every cell is overfit (documented)."""
+    best = verdict.get("best")
+    if not best:
+        return 0.0
+    if objective == "gain":
+        row = judged[(judged.epoch == best["epoch"]) & (judged.strength == best["strength"])].iloc[0]
+        value = row.gain
+    else:
+        value = best[objective]
+    return float(value) if value is not None and not (isinstance(value, float) and math.isnan(value)) else 0.0
+
+
+class _Worker:
+    """Loads the base model, data, scorers and prompt suite once; runs trials one by one."""
+
+    def __init__(self, config: Config, study_dir: Path):
+        from lora_lab.models import load_base, pick_device
+        from lora_lab.scores import Scorer
+        from lora_lab.suite import load_suite
+
+        self.config = config
+        self.study_dir = study_dir
+        self.device = pick_device(config.device)
+        self.cache_dir = Path(config.cache_dir)
+        self._datasets: Dict[str, Any] = {}
+        self.dataset(config)
+        started = time.time()
+        self.base = load_base(config.model, self.cache_dir, self.device)
+        token = self.dataset(config).token or ""
+        self.suite = load_suite(config.eval.suite, token)
+        self.scorer = Scorer(self.suite.kind, config.eval.face, config.eval.clip, self.device)
+        log.info(f"worker {os.getpid()}: loaded {self.base.source} and scorers in {time.time() - started:.1f}s")
+
+    def dataset(self, config: Config):
+        from lora_lab.data import load_dataset
+
+        key = repr(config.data)
+        if key not in self._datasets:
+            self._datasets[key] = load_dataset(config.data, self.cache_dir)
+        return self._datasets[key]
+
+    def run(self, trial, params: Dict[str, Any]) -> Tuple[str, Optional[float], dict]:
+        """Train and evaluate one trial; returns (state, objective value, trial.json fields)."""
+        from lora_lab.evaluate import evaluate
+        from lora_lab.train import check_environment, train
+
+        sweep = self.config.sweep
+        tdir = self.study_dir / f"trial_{trial.number}"
+        tdir.mkdir(parents=True, exist_ok=True)
+        cfg = trial_config(self.config, params, tdir)
+        check_environment(cfg.train, self.device)
+        atomic_write_text(tdir / "config.yaml", to_yaml(cfg))
+        dataset = self.dataset(cfg)
+        pruned_at: Dict[str, Any] = {}
+        cheap = replace(cfg, eval=replace(
+            cfg.eval, max_prompts=sweep.prune_eval.max_prompts, seeds=list(sweep.prune_eval.seeds),
+            strengths=list(sweep.prune_eval.strengths), steps=sweep.prune_eval.steps or cfg.eval.steps))
+
+        def on_epoch(epoch: int, path: Path, loss: float) -> bool:
+            if sweep.pruner == "none" or epoch == cfg.train.epochs:
+                return False
+            ev = evaluate(cheap, self.base, dataset, tdir / "lora", tdir / "prune" / f"epoch_{epoch}",
+                          scorer=self.scorer, suite=self.suite.limited(sweep.prune_eval.max_prompts),
+                          progress=False, epochs=[epoch])
+            value = _objective_value(ev.verdict, ev.judged, sweep.objective)
+            trial.report(value, epoch)
+            log.info(f"  trial {trial.number} epoch {epoch}: {sweep.objective} {value:.4g} (loss {loss:.4f})")
+            if trial.should_prune():
+                pruned_at.update(epoch=epoch, value=value)
+                return True
+            return False
+
+        result = train(cfg, self.base, dataset, tdir, on_epoch=on_epoch, cache_dir=self.cache_dir)
+        if result.stopped_early:
+            reason = (f"pruned after epoch {pruned_at['epoch']}: {sweep.objective} {pruned_at['value']:.4g} "
+                      "below the median of earlier trials")
+            return PRUNED, None, {"reason": reason, "pruned_at_epoch": pruned_at["epoch"]}
+        ev = evaluate(cfg, self.base, dataset, tdir / "lora", tdir, scorer=self.scorer,
+                      suite=self.suite.limited(cfg.eval.max_prompts), progress=False)
+        value = _objective_value(ev.verdict, ev.judged, sweep.objective)
+        reason = "; ".join(ev.verdict["best"]["reasons"]) if ev.verdict["best"] else \
+            "every LoRA cell is overfit: objective set to 0"
+        return COMPLETE, value, {"reason": reason}
+
+
+def _write_trial(tdir: Path, **fields) -> None:
+    path = tdir / "trial.json"
+    current = json.loads(path.read_text()) if path.exists() else {}
+    current.update(fields)
+    atomic_write_text(path, json.dumps(current, indent=2, default=str) + "\n")
+
+
+def _storage(sweep, study_dir: Path):
+    import optuna
+    from optuna.storages import RetryFailedTrialCallback
+    from optuna.storages.journal import JournalFileBackend, JournalStorage
+
+    if sweep.storage:
+        if not sweep.storage.startswith(("postgresql", "mysql", "sqlite")):
+            raise ConfigError(f"sweep.storage: {sweep.storage!r} is not a database URL (postgresql://user@host/db)")
+        # Heartbeats let any worker reclaim the trial of a worker that died, on any machine.
+        return optuna.storages.RDBStorage(
+            sweep.storage, heartbeat_interval=30, grace_period=90,
+            failed_trial_callback=RetryFailedTrialCallback(max_retry=3))
+    return JournalStorage(JournalFileBackend(str(study_dir / "journal.log")))
+
+
+def _grid_sampler_class():
+    import optuna
+
+    class AskTellGrid(optuna.samplers.GridSampler):
+        """GridSampler whose after_trial does not call study.stop(), which only works inside
+        study.optimize; our ask/tell loop stops by counting the grid points left."""
+
+        def after_trial(self, study, trial, state, values) -> None:
+            return None
+
+    return AskTellGrid
+
+
+def _AskTellGrid(space, seed):
+    return _grid_sampler_class()(space, seed=seed)
+
+
+def _study(sweep, study_dir: Path):
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    space = {k: list(v) for k, v in sweep.grid.items()}
+    if sweep.variants:
+        space["variant"] = list(sweep.variants)
+    if sweep.sampler == "grid":
+        sampler = _AskTellGrid(space, seed=sweep.seed)
+    elif sweep.sampler == "tpe":
+        sampler = optuna.samplers.TPESampler(seed=sweep.seed)
+    else:
+        sampler = optuna.samplers.RandomSampler(seed=sweep.seed)
+    pruner = optuna.pruners.NopPruner() if sweep.pruner == "none" else \
+        optuna.pruners.MedianPruner(n_startup_trials=sweep.pruner_startup_trials, n_warmup_steps=0)
+    return optuna.create_study(study_name=sweep.name, storage=_storage(sweep, study_dir), sampler=sampler,
+                               pruner=pruner, direction=sweep.direction, load_if_exists=True)
+
+
+def _suggest(trial, sweep) -> Dict[str, Any]:
+    params: Dict[str, Any] = {}
+    for key, values in sweep.grid.items():
+        params[key] = trial.suggest_categorical(key, list(values))
+    if sweep.variants:
+        params["variant"] = trial.suggest_categorical("variant", list(sweep.variants))
+    for key, spec in sweep.space.items():
+        if spec["type"] == "float":
+            params[key] = trial.suggest_float(key, spec["low"], spec["high"], log=bool(spec.get("log")))
+        elif spec["type"] == "int":
+            params[key] = trial.suggest_int(key, spec["low"], spec["high"], log=bool(spec.get("log")))
+        else:
+            params[key] = trial.suggest_categorical(key, list(spec["choices"]))
+    return params
+
+
+def _counts(study, sweep) -> Tuple[int, set]:
+    """(trials still to start, parameter sets already taken) from the storage."""
+    from optuna.trial import TrialState
+
+    taken = set()
+    waiting = 0
+    for t in study.get_trials(deepcopy=False):
+        role = t.user_attrs.get("role")
+        if role in ("duplicate", "retried"):
+            continue
+        if t.state == TrialState.WAITING:
+            waiting += 1
+        taken.add(json.dumps(t.params, sort_keys=True, default=str) if t.params else f"#{t.number}")
+    total = sweep.grid_size() if sweep.sampler == "grid" else sweep.n_trials
+    if sweep.n_trials and sweep.sampler == "grid":
+        total = min(total, sweep.n_trials)
+    started = len(taken) - waiting
+    return max(0, total - started), taken
+
+
+def _reclaim_dead_local_trials(study, study_dir: Path) -> None:
+    """A journal-file study has no heartbeat: a RUNNING trial whose worker process on this
+    machine is gone was killed. Mark it failed and queue its parameters again."""
+    from optuna.trial import TrialState
+
+    host = socket.gethostname()
+    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        if t.user_attrs.get("host") != host or _alive(t.user_attrs.get("pid")):
+            continue
+        study.enqueue_trial(t.params, user_attrs={"retry_of": t.number}, skip_if_exists=False)
+        study._storage.set_trial_user_attr(t._trial_id, "role", "retried")
+        study.tell(t.number, state=TrialState.FAIL)
+        tdir = study_dir / f"trial_{t.number}"
+        tdir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(tdir / "error.txt", "the worker running this trial died; its parameters were queued again\n")
+        _write_trial(tdir, number=t.number, state="retried", params=t.params,
+                     reason="worker died; parameters queued again")
+        log.info(f"trial {t.number}: its worker (pid {t.user_attrs.get('pid')}) died; queued again")
+
+
+def _alive(pid) -> bool:
+    if not pid:
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def work(config: Config, study_dir: Path) -> None:
+    """One worker: ask for trials until the study has none left."""
+    from optuna.trial import TrialState
+
+    sweep = config.sweep
+    study = _study(sweep, study_dir)
+    _reclaim_dead_local_trials(study, study_dir)
+    worker: Optional[_Worker] = None
+    while True:
+        remaining, taken = _counts(study, sweep)
+        if remaining <= 0:
+            break
+        if worker is None:
+            worker = _Worker(config, study_dir)
+        trial = study.ask()
+        params = _suggest(trial, sweep)
+        key = json.dumps(params, sort_keys=True, default=str)
+        if _is_duplicate(study, trial.number, key):
+            study._storage.set_trial_user_attr(trial._trial_id, "role", "duplicate")
+            study.tell(trial, state=TrialState.FAIL)
+            continue
+        for k, v in (("host", socket.gethostname()), ("pid", os.getpid())):
+            trial.set_user_attr(k, v)
+        tdir = study_dir / f"trial_{trial.number}"
+        tdir.mkdir(parents=True, exist_ok=True)
+        started = time.time()
+        _write_trial(tdir, number=trial.number, state=RUNNING, params=params, host=socket.gethostname(),
+                     pid=os.getpid(), started=started)
+        log.info(f"trial {trial.number} start: " + ", ".join(f"{k}={v}" for k, v in params.items()))
+        try:
+            state, value, fields = worker.run(trial, params)
+        except Exception as exc:  # one trial's failure never stops the study
+            reason = str(exc) if isinstance(exc, LoraLabError) else f"{exc.__class__.__name__}: {exc}"
+            detail = "" if isinstance(exc, LoraLabError) else "\n\n" + traceback.format_exc()
+            atomic_write_text(tdir / "error.txt", reason + detail + "\n")
+            state, value, fields = FAILED, None, {"reason": reason}
+        duration = round(time.time() - started, 1)
+        _write_trial(tdir, state=state, objective=value, duration_s=duration, **fields)
+        if state == COMPLETE:
+            study.tell(trial, value)
+        else:
+            study.tell(trial, state=TrialState.PRUNED if state == PRUNED else TrialState.FAIL)
+        score = f"{sweep.objective} {value:.4g}" if value is not None else fields.get("reason", "")
+        log.info(f"trial {trial.number} {state} in {duration:.0f}s: {score}")
+
+
+def _is_duplicate(study, number: int, key: str) -> bool:
+    """Another worker already has this grid point: the lower trial number keeps it."""
+    for t in study.get_trials(deepcopy=False):
+        if t.number >= number or t.user_attrs.get("role") in ("duplicate", "retried"):
+            continue
+        if json.dumps(t.params, sort_keys=True, default=str) == key:
+            return True
+    return False
+
+
+def _work_in_subprocess(config_yaml: str, study_dir: str) -> None:
+    from lora_lab.cli import setup_logging
+
+    setup_logging()
+    work(to_config(OmegaConf.create(config_yaml)), Path(study_dir))
+
+
+def run(config: Config) -> "leaderboard.pd.DataFrame":
+    """The ``python -m lora_lab.sweep`` job."""
+    if config.sweep is None:
+        from lora_lab.config import conf_dir
+
+        names = ", ".join(sorted(p.stem for p in (conf_dir() / "sweep").glob("*.yaml")))
+        raise ConfigError(f"sweep: choose a sweep with +sweep=NAME (available: {names})")
+    sweep = config.sweep
+    check_keys(config)
+    study_dir = Path(sweep.root) / sweep.name
+    try:
+        study_dir.mkdir(parents=True, exist_ok=True)
+        (study_dir / ".write-test").write_bytes(b"ok")
+        (study_dir / ".write-test").unlink()
+    except OSError as exc:
+        raise LoraLabError(f"sweep.root: cannot write to {study_dir} ({exc.strerror or exc})") from None
+    from lora_lab.data import load_dataset
+
+    load_dataset(config.data, Path(config.cache_dir))  # bad data stops here, before any trial
+    definition = {"name": sweep.name, "direction": sweep.direction, "objective": sweep.objective,
+                  "sampler": sweep.sampler, "pruner": sweep.pruner, "grid": sweep.grid,
+                  "variants": sweep.variants, "space": sweep.space, "fixed": sweep.fixed,
+                  "n_trials": sweep.n_trials}
+    atomic_write_text(study_dir / "study.json", json.dumps(definition, indent=2, default=str) + "\n")
+    atomic_write_text(study_dir / "sweep.yaml", to_yaml(config))
+    log.info(f"study {sweep.name}: {sweep.grid_size() if sweep.sampler == 'grid' else sweep.n_trials} trials "
+             f"({sweep.sampler}), objective {sweep.objective}, folder {study_dir}")
+    if sweep.workers > 1:
+        import multiprocessing as mp
+
+        ctx = mp.get_context("spawn")
+        procs = [ctx.Process(target=_work_in_subprocess, args=(to_yaml(config), str(study_dir)))
+                 for _ in range(sweep.workers)]
+        for p in procs:
+            p.start()
+        for p in procs:
+            p.join()
+    else:
+        work(config, study_dir)
+    table = leaderboard.build(study_dir)
+    leaderboard.save(study_dir, table)
+    log.info(leaderboard.render_text(table))
+    log.info(leaderboard.best_text(table))
+    for note in leaderboard.notes(study_dir):
+        log.info(f"note: {note}")
+    log.info(f"leaderboard: {study_dir / 'leaderboard.csv'}   TensorBoard: tensorboard --logdir {study_dir}")
+    return table
+
+
+def main() -> None:
+    from lora_lab.cli import hydra_entry
+
+    hydra_entry(run)()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,162 @@
+"""The sweep driver: sweep files, trials, resume, failures, pruning, dead workers, leaderboard."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from lora_lab import leaderboard, sweep
+from lora_lab.cli import compose
+from lora_lab.config import conf_dir
+from lora_lab.errors import ConfigError
+
+SWEEPS = sorted(p.stem for p in (conf_dir() / "sweep").glob("*.yaml"))
+
+
+def _cfg(tmp_path, cache_dir, *extra):
+    return compose(["+sweep=smoke", f"sweep.root={tmp_path}", f"cache_dir={cache_dir}", *extra])
+
+
+@pytest.mark.parametrize("name", SWEEPS)
+def test_every_sweep_file_composes_with_real_config_paths(name, tmp_path):
+    cfg = compose([f"+sweep={name}"])
+    sweep.check_keys(cfg)
+    assert cfg.sweep.name == name
+    expected = {"scheduler": 3, "optimizer": 5, "rank_alpha": 3, "repeats": 3, "smoke": 2}
+    if cfg.sweep.sampler == "grid":
+        assert cfg.sweep.grid_size() == expected[name]
+    # Every trial's config is valid (the grid's combinations build and validate).
+    if cfg.sweep.variants:
+        for variant in cfg.sweep.variants:
+            sweep.trial_config(cfg, {"variant": variant}, tmp_path / "t")
+    for key, values in cfg.sweep.grid.items():
+        for value in values:
+            sweep.trial_config(cfg, {key: value}, tmp_path / "t")
+
+
+def test_repeats_sweep_keeps_total_steps_comparable():
+    cfg = compose(["+sweep=repeats"])
+    totals = {v["data.repeats"] * v["train.epochs"] for v in cfg.sweep.variants.values()}
+    assert totals == {60}
+
+
+def test_bad_sweep_keys_are_named_with_a_suggestion():
+    cfg = compose(["+sweep=smoke", "++sweep.grid={train.lr_schedular:[constant]}"])
+    with pytest.raises(ConfigError, match=r"sweep.grid: 'train.lr_schedular' is not a config path .*did you mean train.lr_scheduler"):
+        sweep.check_keys(cfg)
+    with pytest.raises(ConfigError, match="cannot vary within a study"):
+        compose(["+sweep=smoke", "++sweep.grid={model.pretrained:[a,b]}"])
+
+
+def test_no_sweep_chosen_lists_the_choices():
+    with pytest.raises(ConfigError, match="choose a sweep with \\+sweep=NAME \\(available: lr, optimizer"):
+        sweep.run(compose())
+
+
+def test_smoke_sweep_runs_resumes_and_ranks(tmp_path, cache_dir, demo_dir):
+    cfg = _cfg(tmp_path, cache_dir)
+    table = sweep.run(cfg)
+    study = tmp_path / "smoke"
+    assert len(table) == 2 and set(table.state) == {"complete"}
+    assert set(table["train.network_dim"]) == {2, 4}
+    for n in (0, 1):
+        tdir = study / f"trial_{n}"
+        assert (tdir / "config.yaml").exists() and (tdir / "verdict.json").exists()
+        assert (tdir / "lora" / f"smoke_trial_{n}.safetensors").exists()
+        assert json.loads((tdir / "trial.json").read_text())["state"] == "complete"
+    ranks = {int(load_file(study / f"trial_{n}" / "lora" / f"smoke_trial_{n}.safetensors")[
+        "lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight"].shape[0]) for n in (0, 1)}
+    assert ranks == {2, 4}
+    saved = pd.read_csv(study / "leaderboard.csv")
+    assert len(saved) == 2 and len(pd.read_parquet(study / "leaderboard.parquet")) == 2
+    mtime = (study / "trial_0" / "lora" / "smoke_trial_0.safetensors").stat().st_mtime_ns
+    again = sweep.run(cfg)  # resume: nothing left to run
+    assert len(again) == 2 and not (study / "trial_2").exists()
+    assert (study / "trial_0" / "lora" / "smoke_trial_0.safetensors").stat().st_mtime_ns == mtime
+    proc = subprocess.run([sys.executable, "-m", "lora_lab.leaderboard", str(study), "--best"],
+                          capture_output=True, text=True, timeout=120)
+    best = leaderboard.best(leaderboard.build(study))
+    if best is not None:
+        assert proc.returncode == 0 and f"A1111: {best.snippet}" in proc.stdout
+    else:
+        assert proc.returncode == 1 and "no completed trial with a usable cell" in proc.stdout
+
+
+def test_a_failing_trial_is_recorded_and_the_study_goes_on(tmp_path, cache_dir, demo_dir):
+    cfg = _cfg(tmp_path, cache_dir, "sweep.grid={train.network_dim:[0,2]}")
+    table = sweep.run(cfg).set_index("train.network_dim")
+    assert table.loc[0, "state"] == "failed"
+    assert "train.network_dim: must be a whole number >= 1, got 0" in table.loc[0, "reason"]
+    assert table.loc[2, "state"] == "complete"
+    failed = tmp_path / "smoke" / f"trial_{int(table.loc[0, 'trial'])}"
+    assert "train.network_dim" in (failed / "error.txt").read_text()
+
+
+def test_pruning_stops_hopeless_trials(tmp_path, cache_dir, demo_dir, monkeypatch):
+    values = iter([5.0, 5.0, 1.0, 1.0, 1.0])  # trial 0: epochs 1-2 and final; trial 1 per epoch
+    monkeypatch.setattr(sweep, "_objective_value", lambda *a: next(values))
+    cfg = _cfg(tmp_path, cache_dir, "sweep.pruner=median", "sweep.pruner_startup_trials=1",
+               "sweep.fixed={train.epochs:3,train.resolution:32,data.repeats:1}")
+    table = sweep.run(cfg).sort_values("trial")
+    assert list(table.state) == ["complete", "pruned"]
+    assert table.iloc[1].reason.startswith("pruned after epoch 1: combined 1 below the median")
+    pruned_dir = tmp_path / "smoke" / "trial_1" / "lora"
+    assert sorted(p.name for p in pruned_dir.iterdir()) == ["smoke_trial_1-000001.safetensors"]
+
+
+def test_lora_is_fully_removed_between_trials(tmp_path, cache_dir, demo_dir):
+    cfg = _cfg(tmp_path, cache_dir)
+    study_dir = tmp_path / "smoke"
+    study_dir.mkdir()
+    worker = sweep._Worker(cfg, study_dir)
+    g = torch.Generator().manual_seed(0)
+    x, h = torch.randn(1, 4, 8, 8, generator=g), torch.randn(1, 77, 32, generator=g)
+
+    def out():
+        with torch.no_grad():
+            return worker.base.unet(x, torch.tensor([400]), h).sample
+
+    before = out()
+
+    class FakeTrial:
+        number = 0
+
+        def report(self, *a):
+            pass
+
+        def should_prune(self):
+            return False
+
+    state, value, _ = worker.run(FakeTrial(), {"train.network_dim": 4})
+    assert state == "complete"
+    assert not any("lora" in n for n, _ in worker.base.unet.named_parameters())
+    assert torch.equal(out(), before)  # the next trial starts from the base model exactly
+
+
+def test_dead_worker_trial_is_retried_once(tmp_path, cache_dir, demo_dir):
+    from optuna.trial import TrialState
+
+    cfg = _cfg(tmp_path, cache_dir)
+    study_dir = tmp_path / "smoke"
+    study_dir.mkdir()
+    study = sweep._study(cfg.sweep, study_dir)
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    trial = study.ask()
+    params = sweep._suggest(trial, cfg.sweep)
+    trial.set_user_attr("host", __import__("socket").gethostname())
+    trial.set_user_attr("pid", dead.pid)  # a worker that no longer exists, mid-trial
+    table = sweep.run(cfg)
+    assert len(table) == 2 and set(table.state) == {"complete"}
+    states = [t.state for t in sweep._study(cfg.sweep, study_dir).get_trials()]
+    assert states.count(TrialState.FAIL) == 1 and states.count(TrialState.COMPLETE) == 2
+    retried = json.loads((study_dir / f"trial_{trial.number}" / "trial.json").read_text())
+    assert retried["state"] == "retried" and retried["params"] == params
+    assert "worker running this trial died" in (study_dir / f"trial_{trial.number}" / "error.txt").read_text()
