@@ -405,6 +405,7 @@ class SweepConfig:
             (postgresql://...) for workers on several machines.
         workers: Worker processes on this machine.
         root: Folder that holds the studies.
+        reports: Folder the HTML report is written to (``<reports>/<name>/index.html``).
     """
 
     name: str = "sweep"
@@ -422,6 +423,7 @@ class SweepConfig:
     workers: int = 1
     seed: int = 0
     root: str = "sweeps"
+    reports: str = "reports"
     prune_eval: PruneEvalConfig = field(default_factory=PruneEvalConfig)
 
     def __post_init__(self) -> None:

@@ -32,6 +32,7 @@ from lora_lab.models import BaseModel, load_base, pick_device
 from lora_lab.render import RenderSettings, render, write_grids
 from lora_lab.scores import RANDOM_NOTE, Scorer, diversity
 from lora_lab.suite import Suite, load_suite
+from lora_lab.tb import log_evaluation
 
 log = logging.getLogger(__name__)
 _EPOCH_SUFFIX = re.compile(r"-(\d+)$")
@@ -81,11 +82,12 @@ def default_out_dir(lora_dir: Path) -> Path:
 
 def evaluate(config: Config, base: BaseModel, dataset: Dataset, lora_dir: Path, out_dir: Path,
              scorer: Optional[Scorer] = None, suite: Optional[Suite] = None, progress: bool = True,
-             epochs: Optional[List[int]] = None) -> EvalResult:
+             epochs: Optional[List[int]] = None, tb_dir: Optional[Path] = None) -> EvalResult:
     """Render, score and judge every LoRA file in ``lora_dir``; write the results to ``out_dir``.
 
     Args:
         epochs: Only these epochs (the sweep's cheap per-epoch evaluation).
+        tb_dir: Also log scores per epoch and the grids to this TensorBoard run.
         scorer / suite: Reuse ones already built (a sweep worker builds them once).
     """
     e = config.eval
@@ -147,6 +149,8 @@ def evaluate(config: Config, base: BaseModel, dataset: Dataset, lora_dir: Path, 
     doc["settings"] = {"sampler": e.sampler, "steps": e.steps, "cfg_scale": e.cfg_scale, "seeds": list(e.seeds),
                        "size": settings.size}
     _write_tables(out_dir, scores, judged, doc)
+    if tb_dir is not None:
+        log_evaluation(tb_dir, judged, grids)
     return EvalResult(out_dir, scores, judged, doc, grids)
 
 
@@ -196,7 +200,7 @@ def run(config: Config) -> EvalResult:
     out_dir = Path(config.eval.output_dir) if config.eval.output_dir else default_out_dir(lora_dir)
     log.info(f"evaluating {len(files)} LoRA files in {lora_dir} -> {out_dir}")
     base = load_base(config.model, Path(config.cache_dir), device)
-    result = evaluate(config, base, dataset, lora_dir, out_dir)
+    result = evaluate(config, base, dataset, lora_dir, out_dir, tb_dir=out_dir / "tb")
     log.info(summary(result))
     return result
 

@@ -27,6 +27,7 @@ from lora_lab import leaderboard
 from lora_lab.config import Config, ConfigError, to_config, to_yaml
 from lora_lab.errors import LoraLabError
 from lora_lab.files import atomic_write_text
+from lora_lab.tb import log_hparams
 
 log = logging.getLogger("lora_lab.sweep")
 RUNNING, COMPLETE, PRUNED, FAILED = "running", "complete", "pruned", "failed"
@@ -160,8 +161,12 @@ class _Worker:
                       "below the median of earlier trials")
             return PRUNED, None, {"reason": reason, "pruned_at_epoch": pruned_at["epoch"]}
         ev = evaluate(cfg, self.base, dataset, tdir / "lora", tdir, scorer=self.scorer,
-                      suite=self.suite.limited(cfg.eval.max_prompts), progress=False)
+                      suite=self.suite.limited(cfg.eval.max_prompts), progress=False, tb_dir=tdir / "tb")
         value = _objective_value(ev.verdict, ev.judged, sweep.objective)
+        best = ev.verdict["best"] or {}
+        log_hparams(tdir / "tb", params, {"objective": value, "likeness": best.get("likeness"),
+                                          "adherence": best.get("adherence"),
+                                          "best_epoch": best.get("epoch"), "best_strength": best.get("strength")})
         reason = "; ".join(ev.verdict["best"]["reasons"]) if ev.verdict["best"] else \
             "every LoRA cell is overfit: objective set to 0"
         return COMPLETE, value, {"reason": reason}
@@ -401,7 +406,12 @@ def run(config: Config) -> "leaderboard.pd.DataFrame":
     log.info(leaderboard.best_text(table))
     for note in leaderboard.notes(study_dir):
         log.info(f"note: {note}")
-    log.info(f"leaderboard: {study_dir / 'leaderboard.csv'}   TensorBoard: tensorboard --logdir {study_dir}")
+    from lora_lab.report import build_report
+
+    index = build_report(study_dir, Path(sweep.reports))
+    log.info(f"leaderboard: {study_dir / 'leaderboard.csv'}")
+    log.info(f"report: {index}")
+    log.info(f"TensorBoard: tensorboard --logdir {study_dir}")
     return table
 
 

@@ -54,3 +54,22 @@ def make_config(cache_dir: Path, output_dir: Path, **train):
         cache_dir=str(cache_dir),
         device="cpu",
     )
+
+
+@pytest.fixture(scope="session")
+def script_study(tmp_path_factory, cache_dir, demo_dir):
+    """A finished smoke sweep on demo faces whose captions and token carry HTML."""
+    import shutil
+
+    from lora_lab import sweep
+    from lora_lab.cli import compose
+
+    root = tmp_path_factory.mktemp("study")
+    data = root / "data" / "2_sks"
+    shutil.copytree(demo_dir / "10_sks woman", data)
+    (data / "00.txt").write_text("photo of sks woman, <script>alert(1)</script>", encoding="utf-8")
+    cfg = compose(["+sweep=smoke", f"sweep.root={root / 'sweeps'}", f"sweep.reports={root / 'reports'}",
+                   f"cache_dir={cache_dir}", "data=folder", f"data.path={root / 'data'}",
+                   "data.token='<b>sks</b> woman'", "eval.seeds=[1,2]"])
+    sweep.run(cfg)
+    return root / "sweeps" / "smoke", root / "reports" / "smoke"

@@ -1,0 +1,69 @@
+"""The report in a real browser: headless Chromium (Debian's chromium + chromium-driver)."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+
+CHROMIUM, DRIVER = shutil.which("chromium"), shutil.which("chromedriver")
+pytestmark = pytest.mark.skipif(
+    not (CHROMIUM and DRIVER),
+    reason="needs Debian's chromium and chromium-driver (make test installs them when run as root)")
+
+
+@pytest.fixture(scope="module")
+def browser():
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = CHROMIUM
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 "--window-size=1300,1000"):
+        opts.add_argument(flag)
+    opts.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    driver = webdriver.Chrome(service=Service(DRIVER), options=opts)
+    yield driver
+    driver.quit()
+
+
+def _images_loaded(driver) -> list:
+    return driver.execute_script(
+        "return Array.from(document.images).map(i => [i.getAttribute('src'), i.complete && i.naturalWidth > 0]);")
+
+
+def test_report_in_headless_chromium(browser, script_study, tmp_path):
+    from selenium.webdriver.common.by import By
+
+    _, report = script_study
+    browser.get((report / "index.html").as_uri())
+    rows = browser.find_elements(By.CSS_SELECTOR, "#leaderboard tbody tr")
+    assert len(rows) == 2
+    images = _images_loaded(browser)
+    assert images and all(ok for _, ok in images), images
+
+    def first_column():
+        return [r.find_elements(By.TAG_NAME, "td")[0].text for r in
+                browser.find_elements(By.CSS_SELECTOR, "#leaderboard tbody tr")]
+
+    header = browser.find_elements(By.CSS_SELECTOR, "#leaderboard th")[0]
+    header.click()
+    ascending = first_column()
+    header.click()
+    descending = first_column()
+    assert ascending == ["trial 0", "trial 1"] and descending == ["trial 1", "trial 0"]
+    assert header.get_attribute("aria-sort") == "descending"
+    browser.save_screenshot(str(tmp_path / "index.png"))
+    assert (tmp_path / "index.png").stat().st_size > 10_000
+
+    browser.find_element(By.LINK_TEXT, "trial 0").click()
+    assert browser.find_element(By.TAG_NAME, "h1").text.startswith("Trial 0")
+    images = _images_loaded(browser)
+    assert len(images) >= 3 and all(ok for _, ok in images), images
+    alerts = browser.execute_script("return document.querySelectorAll('script').length")
+    assert alerts == 1  # the caption's <script> is text, not a script
+    browser.save_screenshot(str(tmp_path / "trial.png"))
+    errors = [e for e in browser.get_log("browser") if e["level"] == "SEVERE"]
+    assert errors == []

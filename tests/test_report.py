@@ -1,0 +1,81 @@
+"""TensorBoard runs and the HTML report, read back from the files a sweep leaves."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+
+from lora_lab.report import build_report
+from lora_lab.tb import read_scalars
+
+
+def test_tensorboard_run_per_trial_with_scores_grids_and_hparams(script_study):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    study, _ = script_study
+    tb = study / "trial_0" / "tb"
+    assert [p for p in tb.iterdir() if p.is_dir()] == []  # hparams live in the same run, no sub-run
+    scalars = read_scalars(tb)
+    assert {"loss/current", "loss/average", "loss/epoch", "lr/unet"} <= set(scalars)
+    assert "eval/adherence/strength_1" in scalars and "eval/adherence/strength_0" in scalars
+    assert [step for step, _ in scalars["eval/adherence/strength_1"]] == [1]  # one epoch in the smoke sweep
+    assert "hparam/objective" in scalars
+    acc = EventAccumulator(str(tb))
+    acc.Reload()
+    assert "grids/p00" in acc.Tags()["images"]
+    hp = acc.PluginTagToContent("hparams")
+    assert {"_hparams_/experiment", "_hparams_/session_start_info", "_hparams_/session_end_info"} <= set(hp)
+    assert b"train.network_dim" in hp["_hparams_/session_start_info"]
+
+
+def test_report_index_and_trial_pages(script_study):
+    study, report = script_study
+    index = (report / "index.html").read_text(encoding="utf-8")
+    assert index.count('<tr class="state-') == 2
+    assert 'href="trial_0/index.html"' in index and 'href="trial_1/index.html"' in index
+    assert "scores not meaningful: random scorer weights" in index
+    assert "train.network_dim" in index and "http://" not in index and "https://" not in index
+    for src in re.findall(r'<img src="([^"]+)"', index):
+        assert (report / src).is_file(), src
+    page = (report / "trial_0" / "index.html").read_text(encoding="utf-8")
+    for src in re.findall(r'<img src="([^"]+)"', page):
+        assert (report / "trial_0" / src).is_file(), src
+    assert "Verdicts per epoch and strength" in page and "training loss" in page
+
+
+def test_user_text_is_escaped(script_study):
+    _, report = script_study
+    page = (report / "trial_0" / "index.html").read_text(encoding="utf-8")
+    assert "<script>alert(1)</script>" not in page
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in page  # the caption's tag, shown as text
+    assert "<b>sks</b>" not in page and "&lt;b&gt;sks&lt;/b&gt; woman" in page  # the token, in prompts
+    index = (report / "index.html").read_text(encoding="utf-8")
+    assert index.count("<script>") == 1  # only the report's own sorting script
+
+
+def test_failed_trial_page_shows_its_error(script_study, tmp_path):
+    import json
+    import shutil
+
+    study, _ = script_study
+    copy = tmp_path / "smoke"
+    shutil.copytree(study, copy)
+    info = json.loads((copy / "trial_1" / "trial.json").read_text())
+    info.update(state="failed", reason="loss became nan at step 3 (epoch 1)")
+    (copy / "trial_1" / "trial.json").write_text(json.dumps(info))
+    (copy / "trial_1" / "error.txt").write_text("loss became nan at step 3 (epoch 1) <oops>\n")
+    index = build_report(copy, tmp_path / "reports")
+    page = (index.parent / "trial_1" / "index.html").read_text()
+    assert '<pre id="error">loss became nan at step 3 (epoch 1) &lt;oops&gt;' in page
+    assert 'class="state-failed"' in index.read_text()
+
+
+def test_report_cli(script_study, tmp_path):
+    study, _ = script_study
+    proc = subprocess.run([sys.executable, "-m", "lora_lab.report", str(study), "--out", str(tmp_path)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and f"report: {tmp_path / 'smoke' / 'index.html'}" in proc.stdout
+    proc = subprocess.run([sys.executable, "-m", "lora_lab.report", str(tmp_path / "nope")],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "is not a study folder" in proc.stderr
