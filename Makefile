@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test setup clean browser
+.PHONY: demo test setup clean system-deps
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -19,17 +19,22 @@ setup: $(STAMP)
 demo: $(STAMP)
 	HF_HUB_OFFLINE=1 $(PY) -m lora_lab.sweep +sweep=scheduler
 
-test: $(STAMP) browser
+test: $(STAMP) system-deps
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q
 
-# The report's browser test uses Debian's chromium and chromium-driver; installed here when
-# missing and running as root (as CI does), otherwise that one test is skipped and says why.
-browser:
-	@if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; then \
+# Two tests use Debian packages: the report's browser test (chromium, chromium-driver) and the
+# shared-database workers test (postgresql). Installed here when missing and running as root
+# (as CI does); otherwise those tests are skipped and say why.
+system-deps:
+	@missing=""; \
+	command -v chromium >/dev/null || missing="$$missing chromium"; \
+	command -v chromedriver >/dev/null || missing="$$missing chromium-driver"; \
+	ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing="$$missing postgresql"; \
+	if [ -n "$$missing" ]; then \
 		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
-			{ apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null; } \
-				|| echo "note: could not install chromium; the browser test will be skipped"; \
-		else echo "note: chromium not installed; the browser test will be skipped"; fi; \
+			{ apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; } \
+				|| echo "note: could not install$$missing; their tests will be skipped"; \
+		else echo "note:$$missing not installed; their tests will be skipped"; fi; \
 	fi
 
 clean:

@@ -471,6 +471,8 @@ class Config:
         output_dir: Run folder: ``config.yaml``, ``lora/``, ``tb/``.
         cache_dir: Shared cache of built-in models, latents and text embeddings.
         lora_dir: A folder of LoRA files to evaluate (``python -m lora_lab.evaluate``).
+        worker: Index of a sweep worker started by a launcher (``worker=range(8)`` with ``-m``);
+            it only labels the worker, every worker runs the same study.
         device: ``auto`` (CUDA when present, else CPU), ``cpu``, ``cuda`` or ``cuda:N``.
     """
 
@@ -483,6 +485,7 @@ class Config:
     device: str = "auto"
     lora_dir: Optional[str] = None
     sweep: Optional[SweepConfig] = None
+    worker: Optional[int] = None
 
     def __post_init__(self) -> None:
         _require(

@@ -245,13 +245,14 @@ def build_report(study_dir: Path, reports_root: Path = Path("reports")) -> Path:
                 continue
             _trial_page(env, study, tdir, tmp, warnings)
         os.chmod(tmp, 0o755)
-        old = None
-        if target.exists():
-            old = reports_root / f".{study_dir.name}-old-{os.getpid()}"
-            os.rename(target, old)
-        os.rename(tmp, target)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        old = reports_root / f".{study_dir.name}-old-{os.getpid()}"
+        try:
+            if target.exists():
+                os.rename(target, old)
+            os.rename(tmp, target)
+        except OSError:
+            pass  # another worker swapped its report in at this moment: that one stands
+        shutil.rmtree(old, ignore_errors=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return target / "index.html"

@@ -10,13 +10,18 @@ finished trials are kept, a trial whose worker died is retried, every grid point
 from __future__ import annotations
 
 import difflib
+import errno
 import json
 import logging
 import math
 import os
+import shutil
 import socket
+import threading
 import time
 import traceback
+import warnings
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, Dict, Optional, Tuple
@@ -31,6 +36,12 @@ from lora_lab.tb import log_hparams
 
 log = logging.getLogger("lora_lab.sweep")
 RUNNING, COMPLETE, PRUNED, FAILED = "running", "complete", "pruned", "failed"
+HEARTBEAT_S = 30
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return lines[0] if lines else exc.__class__.__name__
 
 
 def _flat_keys(node, prefix: str = "") -> list:
@@ -181,16 +192,29 @@ def _write_trial(tdir: Path, **fields) -> None:
 
 def _storage(sweep, study_dir: Path):
     import optuna
-    from optuna.storages import RetryFailedTrialCallback
     from optuna.storages.journal import JournalFileBackend, JournalStorage
 
     if sweep.storage:
         if not sweep.storage.startswith(("postgresql", "mysql", "sqlite")):
             raise ConfigError(f"sweep.storage: {sweep.storage!r} is not a database URL (postgresql://user@host/db)")
+
+        def retry(study, trial) -> None:  # called by fail_stale_trials for a trial whose worker went silent
+            _requeue(study, trial.number, trial.params, study_dir,
+                     "the worker running this trial stopped sending heartbeats; its parameters were queued again")
+
         # Heartbeats let any worker reclaim the trial of a worker that died, on any machine.
-        return optuna.storages.RDBStorage(
-            sweep.storage, heartbeat_interval=30, grace_period=90,
-            failed_trial_callback=RetryFailedTrialCallback(max_retry=3))
+        for attempt in range(5):
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                    return optuna.storages.RDBStorage(sweep.storage, heartbeat_interval=HEARTBEAT_S,
+                                                      grace_period=3 * HEARTBEAT_S,
+                                                      heartbeat_stale_trial_callback=retry)
+            except Exception as exc:  # driver missing, server unreachable, bad credentials
+                # Workers starting together race to create the tables: the losers try again.
+                if attempt == 4 or "duplicate key" not in str(exc) and "already exists" not in str(exc):
+                    raise LoraLabError(f"sweep.storage: cannot open {sweep.storage}: {_first_line(exc)}") from None
+                time.sleep(1 + attempt)
     return JournalStorage(JournalFileBackend(str(study_dir / "journal.log")))
 
 
@@ -252,9 +276,10 @@ def _counts(study, sweep) -> Tuple[int, set]:
 
     taken = set()
     waiting = 0
-    for t in study.get_trials(deepcopy=False):
-        role = t.user_attrs.get("role")
-        if role in ("duplicate", "retried"):
+    trials = study.get_trials(deepcopy=False)
+    retried = _retried(trials)
+    for t in trials:
+        if t.user_attrs.get("role") == "duplicate" or t.number in retried:
             continue
         if t.state == TrialState.WAITING:
             waiting += 1
@@ -275,14 +300,9 @@ def _reclaim_dead_local_trials(study, study_dir: Path) -> None:
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         if t.user_attrs.get("host") != host or _alive(t.user_attrs.get("pid")):
             continue
-        study.enqueue_trial(t.params, user_attrs={"retry_of": t.number}, skip_if_exists=False)
-        study._storage.set_trial_user_attr(t._trial_id, "role", "retried")
+        _requeue(study, t.number, t.params, study_dir,
+                 "the worker running this trial died; its parameters were queued again")
         study.tell(t.number, state=TrialState.FAIL)
-        tdir = study_dir / f"trial_{t.number}"
-        tdir.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(tdir / "error.txt", "the worker running this trial died; its parameters were queued again\n")
-        _write_trial(tdir, number=t.number, state="retried", params=t.params,
-                     reason="worker died; parameters queued again")
         log.info(f"trial {t.number}: its worker (pid {t.user_attrs.get('pid')}) died; queued again")
 
 
@@ -303,10 +323,14 @@ def work(config: Config, study_dir: Path) -> None:
     from optuna.trial import TrialState
 
     sweep = config.sweep
+    import optuna
+
     study = _study(sweep, study_dir)
     _reclaim_dead_local_trials(study, study_dir)
     worker: Optional[_Worker] = None
     while True:
+        if sweep.storage:
+            optuna.storages.fail_stale_trials(study)
         remaining, taken = _counts(study, sweep)
         if remaining <= 0:
             break
@@ -328,12 +352,20 @@ def work(config: Config, study_dir: Path) -> None:
                      pid=os.getpid(), started=started)
         log.info(f"trial {trial.number} start: " + ", ".join(f"{k}={v}" for k, v in params.items()))
         try:
-            state, value, fields = worker.run(trial, params)
+            with _heartbeat(study, trial):
+                state, value, fields = worker.run(trial, params)
+        except OSError as exc:
+            if exc.errno not in _DISK_ERRORS:
+                state, value, fields = _failed(tdir, exc)
+            else:  # the disk, not the trial: stop the sweep, keep the point for the resume
+                _requeue(study, trial.number, params, study_dir,
+                         f"stopped: {exc.strerror} while writing; parameters queued again")
+                study.tell(trial, state=TrialState.FAIL)
+                raise LoraLabError(
+                    f"output folder {tdir}: {exc.strerror or exc}. Free some space (or fix the folder's "
+                    "permissions) and run the same command again: the sweep resumes where it stopped") from None
         except Exception as exc:  # one trial's failure never stops the study
-            reason = str(exc) if isinstance(exc, LoraLabError) else f"{exc.__class__.__name__}: {exc}"
-            detail = "" if isinstance(exc, LoraLabError) else "\n\n" + traceback.format_exc()
-            atomic_write_text(tdir / "error.txt", reason + detail + "\n")
-            state, value, fields = FAILED, None, {"reason": reason}
+            state, value, fields = _failed(tdir, exc)
         duration = round(time.time() - started, 1)
         _write_trial(tdir, state=state, objective=value, duration_s=duration, **fields)
         if state == COMPLETE:
@@ -344,19 +376,94 @@ def work(config: Config, study_dir: Path) -> None:
         log.info(f"trial {trial.number} {state} in {duration:.0f}s: {score}")
 
 
+_DISK_ERRORS = (errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EDQUOT)
+
+
+def _failed(tdir: Path, exc: BaseException) -> Tuple[str, None, dict]:
+    """A trial's own failure (NaN loss, out of memory, an invalid combination, a scorer error)."""
+    reason = str(exc) if isinstance(exc, LoraLabError) else f"{exc.__class__.__name__}: {exc}"
+    detail = "" if isinstance(exc, LoraLabError) else "\n\n" + traceback.format_exc()
+    atomic_write_text(tdir / "error.txt", reason + detail + "\n")
+    return FAILED, None, {"reason": reason}
+
+
+def _requeue(study, number: int, params: dict, study_dir: Path, why: str) -> None:
+    """Queue a trial's parameters again and mark the attempt as retried (left out of the leaderboard)."""
+    study.enqueue_trial(params, user_attrs={"retry_of": number}, skip_if_exists=False)
+    tdir = study_dir / f"trial_{number}"
+    try:
+        tdir.mkdir(parents=True, exist_ok=True)
+        for stale in tdir.rglob(".*.tmp"):  # temp files of writes the worker never finished
+            stale.unlink()
+        (tdir / "error.txt").write_text(why + "\n", encoding="utf-8")
+        _write_trial(tdir, number=number, state="retried", params=params, reason=why)
+    except OSError:
+        pass  # a full disk may refuse even this; the storage already knows
+
+
+@contextmanager
+def _heartbeat(study, trial):
+    """Record heartbeats while a trial runs (database storage only), so a trial whose worker
+    died is noticed by the other workers (optuna.storages.fail_stale_trials)."""
+    storage = study._storage
+    if not hasattr(storage, "record_heartbeat") or storage.get_heartbeat_interval() is None:
+        yield
+        return
+    stop = threading.Event()
+
+    def beat() -> None:
+        while not stop.is_set():
+            storage.record_heartbeat(trial._trial_id)
+            stop.wait(HEARTBEAT_S)
+
+    thread = threading.Thread(target=beat, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+
+
+def _retried(trials) -> set:
+    """Numbers of trials whose parameters were queued again (their worker died)."""
+    return {int(t.user_attrs["retry_of"]) for t in trials if "retry_of" in t.user_attrs}
+
+
 def _is_duplicate(study, number: int, key: str) -> bool:
     """Another worker already has this grid point: the lower trial number keeps it."""
-    for t in study.get_trials(deepcopy=False):
-        if t.number >= number or t.user_attrs.get("role") in ("duplicate", "retried"):
+    trials = study.get_trials(deepcopy=False)
+    retried = _retried(trials)
+    for t in trials:
+        if t.number >= number or t.user_attrs.get("role") == "duplicate" or t.number in retried:
             continue
         if json.dumps(t.params, sort_keys=True, default=str) == key:
             return True
     return False
 
 
-def _work_in_subprocess(config_yaml: str, study_dir: str) -> None:
+def _check_inputs(config: Config) -> None:
+    """Everything that can be checked without loading a model: data, prompt suite, model path,
+    the sweep's fixed settings on this machine, and each variant's settings."""
+    from lora_lab.data import load_dataset
+    from lora_lab.models import pick_device, resolve_source
+    from lora_lab.suite import load_suite
+    from lora_lab.train import check_environment
+
+    dataset = load_dataset(config.data, Path(config.cache_dir))
+    load_suite(config.eval.suite, dataset.token or "")
+    if config.model.pretrained:
+        resolve_source(config.model, Path(config.cache_dir))
+    device = pick_device(config.device)
+    base = trial_config(config, {}, Path(config.sweep.root) / config.sweep.name / "check")
+    check_environment(base.train, device)
+
+
+def _work_in_subprocess(config_yaml: str, study_dir: str, index: int, gpus: int) -> None:
     from lora_lab.cli import setup_logging
 
+    if gpus > 1:  # one GPU per worker process; set before torch initialises CUDA in this process
+        os.environ["CUDA_VISIBLE_DEVICES"] = str(index % gpus)
     setup_logging()
     work(to_config(OmegaConf.create(config_yaml)), Path(study_dir))
 
@@ -370,16 +477,18 @@ def run(config: Config) -> "leaderboard.pd.DataFrame":
         raise ConfigError(f"sweep: choose a sweep with +sweep=NAME (available: {names})")
     sweep = config.sweep
     check_keys(config)
+    _check_inputs(config)  # bad input stops here, before any folder or trial exists
     study_dir = Path(sweep.root) / sweep.name
+    created = not study_dir.exists()
     try:
         study_dir.mkdir(parents=True, exist_ok=True)
         (study_dir / ".write-test").write_bytes(b"ok")
         (study_dir / ".write-test").unlink()
     except OSError as exc:
-        raise LoraLabError(f"sweep.root: cannot write to {study_dir} ({exc.strerror or exc})") from None
-    from lora_lab.data import load_dataset
-
-    load_dataset(config.data, Path(config.cache_dir))  # bad data stops here, before any trial
+        if created:
+            shutil.rmtree(study_dir, ignore_errors=True)
+        raise LoraLabError(f"sweep.root: cannot write to {study_dir} ({exc.strerror or exc}); "
+                           "choose a writable folder with sweep.root=...") from None
     definition = {"name": sweep.name, "direction": sweep.direction, "objective": sweep.objective,
                   "sampler": sweep.sampler, "pruner": sweep.pruner, "grid": sweep.grid,
                   "variants": sweep.variants, "space": sweep.space, "fixed": sweep.fixed,
@@ -391,9 +500,12 @@ def run(config: Config) -> "leaderboard.pd.DataFrame":
     if sweep.workers > 1:
         import multiprocessing as mp
 
+        import torch
+
+        gpus = torch.cuda.device_count() if config.device in ("auto", "cuda") else 0
         ctx = mp.get_context("spawn")
-        procs = [ctx.Process(target=_work_in_subprocess, args=(to_yaml(config), str(study_dir)))
-                 for _ in range(sweep.workers)]
+        procs = [ctx.Process(target=_work_in_subprocess, args=(to_yaml(config), str(study_dir), i, gpus))
+                 for i in range(sweep.workers)]
         for p in procs:
             p.start()
         for p in procs:
