@@ -14,7 +14,6 @@ import tempfile
 from pathlib import Path
 
 PRESETS_DIR = Path(__file__).resolve().parent / "presets"
-TINY_VERSION = "tiny-v1"
 TINY_SEED = 0
 
 
@@ -83,44 +82,56 @@ def preset_folder(name: str, cache_dir: Path) -> Path:
     return _publish(build, Path(cache_dir) / "presets" / name)
 
 
-def tiny_folder(cache_dir: Path) -> Path:
-    """The tiny SD-shaped model as a diffusers folder under ``cache_dir/models``; built once."""
-    return _publish(_build_tiny, Path(cache_dir) / "models" / TINY_VERSION)
+# Built-in SD-shaped models, seeded. tiny: the fast test and demo model (VAE factor 4).
+# bench: a larger one for benchmarks (UNet 64/128/256 channels; VAE with SD's factor 8 and
+# layers per block, at a quarter of SD's channels, as the UNet).
+_SPECS = {
+    "tiny": dict(unet=(32, 64), vae=(32, 32, 64), vae_layers=1, text=32, groups=16),
+    "bench": dict(unet=(64, 128, 256), vae=(32, 64, 128, 128), vae_layers=2, text=64, groups=32),
+}
 
 
-def _build_tiny(folder: Path) -> None:
+def tiny_folder(cache_dir: Path, name: str = "tiny") -> Path:
+    """A built-in SD-shaped model as a diffusers folder under ``cache_dir/models``; built once."""
+    return _publish(lambda folder: _build(folder, name), Path(cache_dir) / "models" / f"{name}-v1")
+
+
+def _build(folder: Path, name: str) -> None:
     import torch
     from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
+    spec = _SPECS[name]
     torch.manual_seed(TINY_SEED)
+    n = len(spec["unet"])
     unet = UNet2DConditionModel(
-        block_out_channels=(32, 64),
+        block_out_channels=spec["unet"],
         layers_per_block=2,
         sample_size=16,
         in_channels=4,
         out_channels=4,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=32,
+        down_block_types=("CrossAttnDownBlock2D",) * (n - 1) + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * (n - 1),
+        cross_attention_dim=spec["text"],
         attention_head_dim=4,
-        norm_num_groups=16,
+        norm_num_groups=spec["groups"],
     )
+    m = len(spec["vae"])
     vae = AutoencoderKL(
-        block_out_channels=(32, 32, 64),
+        block_out_channels=spec["vae"],
         in_channels=3,
         out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 3,
-        up_block_types=("UpDecoderBlock2D",) * 3,
+        down_block_types=("DownEncoderBlock2D",) * m,
+        up_block_types=("UpDecoderBlock2D",) * m,
         latent_channels=4,
-        layers_per_block=1,
+        layers_per_block=spec["vae_layers"],
         norm_num_groups=16,
         sample_size=64,
     )
     text_encoder = CLIPTextModel(
         CLIPTextConfig(
-            hidden_size=32,
-            intermediate_size=64,
+            hidden_size=spec["text"],
+            intermediate_size=2 * spec["text"],
             num_attention_heads=4,
             num_hidden_layers=3,
             max_position_embeddings=77,

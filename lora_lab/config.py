@@ -33,7 +33,7 @@ OPTIMIZERS = ("adamw", "adamw8bit", "adafactor", "prodigy", "dadaptation", "lion
 ADAPTIVE_OPTIMIZERS = ("prodigy", "dadaptation")
 MIXED_PRECISION = ("no", "fp16", "bf16")
 PRESETS = ("sd15", "sd21", "sd21_base")
-BUILTIN_MODELS = ("tiny",)
+BUILTIN_MODELS = ("tiny", "bench")
 BUILTIN_DATA = ("demo",)
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 
@@ -63,7 +63,8 @@ class ModelConfig:
         pretrained: A hub id (``org/name``), a local diffusers folder, or a single-file
             ``.safetensors`` checkpoint (the files A1111 users have). Pickle files are refused.
         builtin: ``tiny`` builds a small SD-shaped model in code (saved to the cache folder
-            and loaded back like any local folder). Ignored when ``pretrained`` is set.
+            and loaded back like any local folder); ``bench`` a larger one for benchmarks.
+            Ignored when ``pretrained`` is set.
         preset: Architecture of a single-file checkpoint: sd15, sd21 (v-prediction, 768 px)
             or sd21_base (epsilon, 512 px). Its config files ship with lora_lab.
         config_dir: A local diffusers-style folder to use instead of ``preset`` for a
@@ -163,6 +164,9 @@ class TrainConfig:
     ``text_encoder_lr`` of 0 or null leaves the text encoder untouched (no text-encoder LoRA).
     ``lr_warmup_steps`` below 1 is a ratio of the total step count.
     ``conv_dim`` > 0 adds LoRA to ResNet and resampling convolutions (kohya's LoCon).
+    ``cache_latents`` / ``cache_text_embeddings`` (kohya: cache_latents,
+    cache_text_encoder_outputs) encode each image and caption once, on disk, by content; off,
+    the VAE and text encoder run every step (what a plain diffusers script does).
     """
 
     network_dim: int = 8
@@ -191,6 +195,8 @@ class TrainConfig:
     seed: int = 42
     save_every_n_epochs: int = 1
     output_name: str = "last"
+    cache_latents: bool = True
+    cache_text_embeddings: bool = True
 
     def __post_init__(self) -> None:
         for key in ("network_dim", "epochs", "batch_size", "gradient_accumulation",
@@ -334,6 +340,7 @@ class EvalConfig:
         sampler: A1111 sampler name (Euler a, DPM++ 2M Karras, DDIM, UniPC ...).
         steps / cfg_scale / seeds / size: identical for every cell; size null = model resolution.
         max_prompts: use only the first N prompts of each kind (a cheap evaluation).
+        batch_size: images rendered per pipeline call (prompts x seeds of one cell row).
         output_dir: where grids and scores go; null = beside the LoRA folder.
     """
 
@@ -345,6 +352,7 @@ class EvalConfig:
     seeds: List[int] = field(default_factory=lambda: [1234, 5678])
     size: Optional[int] = None
     max_prompts: Optional[int] = None
+    batch_size: int = 8
     output_dir: Optional[str] = None
     face: FaceScorerConfig = field(default_factory=FaceScorerConfig)
     clip: ClipScorerConfig = field(default_factory=ClipScorerConfig)
@@ -366,6 +374,7 @@ class EvalConfig:
             _require(self.size >= 8 and self.size % 8 == 0, "eval.size", f"must be a multiple of 8, got {self.size}")
         if self.max_prompts is not None:
             _require(self.max_prompts >= 1, "eval.max_prompts", "must be >= 1")
+        _require(isinstance(self.batch_size, int) and self.batch_size >= 1, "eval.batch_size", "must be >= 1")
 
 
 SWEEP_SAMPLERS = ("grid", "tpe", "random")

@@ -45,6 +45,7 @@ class EvalResult:
     judged: pd.DataFrame
     verdict: dict
     grids: List[Path]
+    timing: dict  # render_s, switch_s, images
 
 
 def list_lora_files(lora_dir: Path) -> List[Tuple[int, Path, Dict[str, torch.Tensor], Dict[str, str]]]:
@@ -82,12 +83,14 @@ def default_out_dir(lora_dir: Path) -> Path:
 
 def evaluate(config: Config, base: BaseModel, dataset: Dataset, lora_dir: Path, out_dir: Path,
              scorer: Optional[Scorer] = None, suite: Optional[Suite] = None, progress: bool = True,
-             epochs: Optional[List[int]] = None, tb_dir: Optional[Path] = None) -> EvalResult:
+             epochs: Optional[List[int]] = None, tb_dir: Optional[Path] = None,
+             base_renders: Optional[dict] = None) -> EvalResult:
     """Render, score and judge every LoRA file in ``lora_dir``; write the results to ``out_dir``.
 
     Args:
         epochs: Only these epochs (the sweep's cheap per-epoch evaluation).
         tb_dir: Also log scores per epoch and the grids to this TensorBoard run.
+        base_renders: Base-model images already rendered by this worker, reused (see render).
         scorer / suite: Reuse ones already built (a sweep worker builds them once).
     """
     e = config.eval
@@ -102,9 +105,11 @@ def evaluate(config: Config, base: BaseModel, dataset: Dataset, lora_dir: Path, 
     settings = RenderSettings(
         sampler=e.sampler, steps=e.steps, cfg_scale=e.cfg_scale, size=e.size or config.resolution,
         seeds=list(e.seeds), negative_prompt=suite.negative_prompt, model_name=base.name,
-        clip_skip=config.train.clip_skip,
+        clip_skip=config.train.clip_skip, batch_size=e.batch_size,
     )
-    cells = render(base.pipe, files, strengths, suite.prompts, settings, out_dir, progress=progress)
+    timing: dict = {}
+    cells = render(base.pipe, files, strengths, suite.prompts, settings, out_dir, progress=progress, timing=timing,
+                   base_renders=base_renders)
     grids = write_grids(cells, strengths, out_dir)
 
     refs = scorer.references(sorted({s.path for s in dataset.train}))
@@ -151,7 +156,7 @@ def evaluate(config: Config, base: BaseModel, dataset: Dataset, lora_dir: Path, 
     _write_tables(out_dir, scores, judged, doc)
     if tb_dir is not None:
         log_evaluation(tb_dir, judged, grids)
-    return EvalResult(out_dir, scores, judged, doc, grids)
+    return EvalResult(out_dir, scores, judged, doc, grids, timing)
 
 
 def _write_tables(out_dir: Path, scores: pd.DataFrame, judged: pd.DataFrame, doc: dict) -> None:

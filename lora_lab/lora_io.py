@@ -122,8 +122,10 @@ def _tuner_layers(module: torch.nn.Module):
 def _activate(module: torch.nn.Module, adapter: str) -> None:
     """Make ``adapter`` the only active adapter on every LoRA layer (peft's layer API)."""
     for layer in _tuner_layers(module):
-        layer.set_adapter(adapter)
-        layer.enable_adapters(True)
+        if layer.active_adapters != [adapter]:
+            layer.set_adapter(adapter)
+        if layer.disable_adapters:
+            layer.enable_adapters(True)
 
 
 @contextmanager
@@ -253,8 +255,8 @@ def load_into(unet, text_encoder, tensors: Dict[str, torch.Tensor], source: str 
         raise LoraLabError(f"{source}: no kohya LoRA weights found (keys like lora_unet_....lora_down.weight)")
     for part, module in (("unet", unet), ("text_encoder", text_encoder)):
         wanted = entries[part]
-        current = {name: (layer.r[adapter], float(layer.lora_alpha[adapter]))
-                   for name, layer in _lora_layers(module, adapter)}
+        layers = dict(_lora_layers(module, adapter))
+        current = {name: (layer.r[adapter], float(layer.lora_alpha[adapter])) for name, layer in layers.items()}
         signature = {name: (d.shape[0], a) for name, (d, _, a) in wanted.items()}
         if current != signature:
             _delete_adapter(module, adapter)
@@ -262,8 +264,8 @@ def load_into(unet, text_encoder, tensors: Dict[str, torch.Tensor], source: str 
                 with warnings.catch_warnings():  # a training adapter beside it is intended
                     warnings.filterwarnings("ignore", message="Already found a `peft_config`")
                     module.add_adapter(_config_for(wanted), adapter_name=adapter)
+            layers = dict(_lora_layers(module, adapter))
         _activate(module, adapter)
-        layers = dict(_lora_layers(module, adapter))
         with torch.no_grad():
             for name, (down, up, _) in wanted.items():
                 layer = layers[name]
@@ -325,6 +327,9 @@ def _remove_one(module) -> None:
 
 def set_strength(unet, text_encoder, strength: float, adapter: str = EVAL_ADAPTER) -> None:
     """Scale every LoRA layer (attention, conv, text encoder) to exactly ``strength`` x alpha / rank."""
+    from peft.tuners.lora import LoraLayer
+
     for module in (unet, text_encoder):
-        for _, layer in _lora_layers(module, adapter):
-            layer.set_scale(adapter, float(strength))
+        for layer in module.modules():  # no names needed: cheaper than named_modules
+            if isinstance(layer, LoraLayer) and adapter in layer.lora_A:
+                layer.set_scale(adapter, float(strength))

@@ -71,7 +71,7 @@ def resolve_source(cfg: ModelConfig, cache_dir: Path) -> tuple[str, str]:
         ModelError: for a pickle checkpoint, a missing path, or an unrecognised folder.
     """
     if not cfg.pretrained:
-        return "folder", str(tiny_folder(cache_dir))
+        return "folder", str(tiny_folder(cache_dir, cfg.builtin))
     raw = cfg.pretrained
     path = Path(raw).expanduser()
     if path.suffix.lower() in PICKLE_SUFFIXES:

@@ -9,7 +9,9 @@ size, so the differences come from the LoRA alone. Each image carries A1111 info
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -66,6 +68,7 @@ class RenderSettings:
     negative_prompt: str
     model_name: str
     clip_skip: int = 1
+    batch_size: int = 8
 
 
 @dataclass
@@ -115,27 +118,33 @@ def _save_png(image: Image.Image, path: Path, parameters: str) -> None:
 
 
 @torch.no_grad()
-def _generate(pipe, prompt: str, settings: RenderSettings) -> List[Image.Image]:
-    n = len(settings.seeds)
+def _generate(pipe, prompts: Sequence[Prompt], settings: RenderSettings) -> Dict[Tuple[int, int], Image.Image]:
+    """Every prompt x seed, in batches of ``settings.batch_size`` (one generator per image, so
+    each image depends on its own seed only). Returns {(prompt index, seed): image}."""
+    jobs = [(p, seed) for p in prompts for seed in settings.seeds]
     device = pipe.unet.device
-    generators = [torch.Generator(device=device).manual_seed(s) for s in settings.seeds]
-    out = pipe(
-        prompt=[prompt] * n,
-        negative_prompt=[settings.negative_prompt] * n,
-        num_inference_steps=settings.steps,
-        guidance_scale=settings.cfg_scale,
-        height=settings.size,
-        width=settings.size,
-        generator=generators,
-        clip_skip=settings.clip_skip - 1 if settings.clip_skip > 1 else None,  # diffusers counts skipped layers
-        output_type="pil",
-    )
-    return out.images
+    out: Dict[Tuple[int, int], Image.Image] = {}
+    for i in range(0, len(jobs), settings.batch_size):
+        chunk = jobs[i : i + settings.batch_size]
+        result = pipe(
+            prompt=[p.text for p, _ in chunk],
+            negative_prompt=[settings.negative_prompt] * len(chunk),
+            num_inference_steps=settings.steps,
+            guidance_scale=settings.cfg_scale,
+            height=settings.size,
+            width=settings.size,
+            generator=[torch.Generator(device=device).manual_seed(seed) for _, seed in chunk],
+            clip_skip=settings.clip_skip - 1 if settings.clip_skip > 1 else None,  # diffusers counts skipped layers
+            output_type="pil",
+        )
+        out.update({(p.index, seed): im for (p, seed), im in zip(chunk, result.images)})
+    return out
 
 
 def render(pipe, lora_files: Sequence[Tuple[int, Path, Dict[str, torch.Tensor], Dict[str, str]]],
            strengths: Sequence[float], prompts: Sequence[Prompt], settings: RenderSettings,
-           out_dir: Path, progress: bool = True) -> List[Cell]:
+           out_dir: Path, progress: bool = True, timing: Optional[dict] = None,
+           base_renders: Optional[dict] = None) -> List[Cell]:
     """Render every cell; the strength-0 row (the base model) is rendered once and shared.
 
     Args:
@@ -145,47 +154,74 @@ def render(pipe, lora_files: Sequence[Tuple[int, Path, Dict[str, torch.Tensor], 
         prompts: The suite's prompts.
         settings: Sampler, steps, CFG, size, seeds, negative prompt.
         out_dir: Cell images go to ``out_dir/cells/``.
+        timing: Filled with render_s, switch_s (LoRA swaps and strength changes) and images.
+        base_renders: A worker's memory of base-model images (same prompt and settings give
+            the same pixels), shared by its trials.
 
     Returns:
         One Cell per (epoch, strength, prompt, seed).
     """
+    timing = {} if timing is None else timing
     pipe.scheduler = make_scheduler(settings.sampler, dict(pipe.scheduler.config))
     unet, text_encoder = pipe.unet, pipe.text_encoder
     lora_strengths = [s for s in strengths if s != 0]
     total = len(prompts) * (1 + len(lora_files) * len(lora_strengths)) * len(settings.seeds)
     bar = tqdm(total=total, desc="rendering", unit="img", disable=not progress, mininterval=1.0)
     cells: List[Cell] = []
+    timing["switch_s"] = 0.0
+    started = time.perf_counter()
     base_cells: Dict[Tuple[int, int], Path] = {}
-    for prompt in prompts:
+    rendered = 0
+    key = (tuple(p.text for p in prompts), settings.negative_prompt, settings.sampler, settings.steps,
+           settings.cfg_scale, settings.size, settings.clip_skip, tuple(settings.seeds))
+    paths = {(p.index, seed): out_dir / "cells" / "base" / f"p{p.index:02d}_seed{seed}.png"
+             for p in prompts for seed in settings.seeds}
+    known = base_renders.get(key) if base_renders is not None else None
+    if known and all(Path(src).exists() for src in known.values()):
+        # The base model's images for the same prompts and settings, rendered earlier by this
+        # worker (another trial): the same pixels, so copy instead of rendering again.
+        for k, dst in paths.items():
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(known[k], dst)
+    else:
         with lora_io.adapters_disabled(unet, text_encoder):  # the base model, even mid-training
-            images = _generate(pipe, prompt.text, settings)
-        for seed, image in zip(settings.seeds, images):
-            path = out_dir / "cells" / "base" / f"p{prompt.index:02d}_seed{seed}.png"
-            _save_png(image, path, infotext(prompt.text, settings, seed, None, 0.0, None))
-            base_cells[(prompt.index, seed)] = path
-            bar.update(1)
+            images = _generate(pipe, prompts, settings)
+        by_index = {p.index: p for p in prompts}
+        for (index, seed), image in images.items():
+            _save_png(image, paths[(index, seed)], infotext(by_index[index].text, settings, seed, None, 0.0, None))
+        rendered += len(images)
+        if base_renders is not None:
+            base_renders[key] = dict(paths)
+    base_cells.update(paths)
+    bar.update(len(paths))
     try:
         for epoch, lora_path, tensors, meta in lora_files:
             label = lora_path.stem
+            switch = time.perf_counter()
             lora_io.load_into(unet, text_encoder, tensors, source=str(lora_path))
+            timing["switch_s"] += time.perf_counter() - switch
             for strength in strengths:
+                if strength == 0:
+                    cells += [Cell(epoch, label, 0.0, p, seed, base_cells[(p.index, seed)], lora_path)
+                              for p in prompts for seed in settings.seeds]
+                    continue
+                switch = time.perf_counter()
+                lora_io.set_strength(unet, text_encoder, strength)
+                timing["switch_s"] += time.perf_counter() - switch
+                images = _generate(pipe, prompts, settings)
                 for prompt in prompts:
-                    if strength == 0:
-                        for seed in settings.seeds:
-                            cells.append(Cell(epoch, label, 0.0, prompt, seed, base_cells[(prompt.index, seed)],
-                                              lora_path))
-                        continue
-                    lora_io.set_strength(unet, text_encoder, strength)
-                    images = _generate(pipe, prompt.text, settings)
-                    for seed, image in zip(settings.seeds, images):
+                    for seed in settings.seeds:
                         path = out_dir / "cells" / label / f"s{strength:g}" / f"p{prompt.index:02d}_seed{seed}.png"
                         text = infotext(prompt.text, settings, seed, label, strength, meta.get("sshs_model_hash"))
-                        _save_png(image, path, text)
+                        _save_png(images[(prompt.index, seed)], path, text)
                         cells.append(Cell(epoch, label, float(strength), prompt, seed, path, lora_path))
+                        rendered += 1
                         bar.update(1)
     finally:
         lora_io.unload(unet, text_encoder)
         bar.close()
+    timing["render_s"] = time.perf_counter() - started
+    timing["images"] = rendered
     return cells
 
 

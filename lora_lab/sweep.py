@@ -125,6 +125,7 @@ class _Worker:
         token = self.dataset(config).token or ""
         self.suite = load_suite(config.eval.suite, token)
         self.scorer = Scorer(self.suite.kind, config.eval.face, config.eval.clip, self.device)
+        self.base_renders: Dict[tuple, list] = {}  # base-model images shared by this worker's trials
         log.info(f"worker {os.getpid()}: loaded {self.base.source} and scorers in {time.time() - started:.1f}s")
 
     def dataset(self, config: Config):
@@ -157,7 +158,7 @@ class _Worker:
                 return False
             ev = evaluate(cheap, self.base, dataset, tdir / "lora", tdir / "prune" / f"epoch_{epoch}",
                           scorer=self.scorer, suite=self.suite.limited(sweep.prune_eval.max_prompts),
-                          progress=False, epochs=[epoch])
+                          progress=False, epochs=[epoch], base_renders=self.base_renders)
             value = _objective_value(ev.verdict, ev.judged, sweep.objective)
             trial.report(value, epoch)
             log.info(f"  trial {trial.number} epoch {epoch}: {sweep.objective} {value:.4g} (loss {loss:.4f})")
@@ -172,15 +173,19 @@ class _Worker:
                       "below the median of earlier trials")
             return PRUNED, None, {"reason": reason, "pruned_at_epoch": pruned_at["epoch"]}
         ev = evaluate(cfg, self.base, dataset, tdir / "lora", tdir, scorer=self.scorer,
-                      suite=self.suite.limited(cfg.eval.max_prompts), progress=False, tb_dir=tdir / "tb")
+                      suite=self.suite.limited(cfg.eval.max_prompts), progress=False, tb_dir=tdir / "tb",
+                      base_renders=self.base_renders)
         value = _objective_value(ev.verdict, ev.judged, sweep.objective)
+        timing = {"setup_s": round(result.setup_s, 3), "train_s": round(result.train_s, 3), "steps": result.steps,
+                  "render_s": round(ev.timing["render_s"], 3), "switch_s": round(ev.timing["switch_s"], 3),
+                  "images": ev.timing["images"]}
         best = ev.verdict["best"] or {}
         log_hparams(tdir / "tb", params, {"objective": value, "likeness": best.get("likeness"),
                                           "adherence": best.get("adherence"),
                                           "best_epoch": best.get("epoch"), "best_strength": best.get("strength")})
         reason = "; ".join(ev.verdict["best"]["reasons"]) if ev.verdict["best"] else \
             "every LoRA cell is overfit: objective set to 0"
-        return COMPLETE, value, {"reason": reason}
+        return COMPLETE, value, {"reason": reason, "timing": timing}
 
 
 def _write_trial(tdir: Path, **fields) -> None:
@@ -306,6 +311,12 @@ def _reclaim_dead_local_trials(study, study_dir: Path) -> None:
         log.info(f"trial {t.number}: its worker (pid {t.user_attrs.get('pid')}) died; queued again")
 
 
+def _rss_mb() -> float:
+    import psutil
+
+    return psutil.Process().memory_info().rss / 2**20
+
+
 def _alive(pid) -> bool:
     if not pid:
         return False
@@ -367,6 +378,7 @@ def work(config: Config, study_dir: Path) -> None:
         except Exception as exc:  # one trial's failure never stops the study
             state, value, fields = _failed(tdir, exc)
         duration = round(time.time() - started, 1)
+        fields["rss_mb"] = round(_rss_mb(), 1)  # resident memory after the trial: leaks show here
         _write_trial(tdir, state=state, objective=value, duration_s=duration, **fields)
         if state == COMPLETE:
             study.tell(trial, value)

@@ -44,6 +44,9 @@ class TrainResult:
     epochs_done: int = 0
     stopped_early: bool = False
     final_loss: float = float("nan")
+    setup_s: float = 0.0  # from train() to the first step: adapters, optimizer, cache look-ups
+    train_s: float = 0.0  # the loop itself, without the per-epoch callbacks
+    callback_s: float = 0.0
 
 
 def check_environment(cfg: TrainConfig, device: torch.device) -> None:
@@ -210,8 +213,11 @@ def train(config: Config, base: BaseModel, dataset: Dataset, output_dir: Path,
             f"{text_encoder.config.num_hidden_layers} layers"
         )
 
-    latent_params = cache.cache_latents(dataset.samples, vae, resolution, module_fingerprint(vae), cache_root)
-    online_text = t.trains_text_encoder or any(s.shuffle_caption for s in dataset.samples)
+    entered = time.perf_counter()
+    latent_params = cache.cache_latents(dataset.samples, vae, resolution, module_fingerprint(vae), cache_root) \
+        if t.cache_latents else None
+    online_text = not t.cache_text_embeddings or t.trains_text_encoder or \
+        any(s.shuffle_caption for s in dataset.samples)
     text_cache = {} if online_text else cache.cache_text(
         [s.caption for s in dataset.samples], tokenizer, text_encoder, t.clip_skip,
         module_fingerprint(text_encoder), cache_root,
@@ -238,7 +244,7 @@ def train(config: Config, base: BaseModel, dataset: Dataset, output_dir: Path,
         )
         return _loop(config, base, dataset, output_dir, on_epoch, accelerator, optimizer, lr_scheduler,
                      latent_params, text_cache, online_text, unet_params + te_params, per_epoch,
-                     max_steps, warmup, DiagonalGaussianDistribution, SummaryWriter)
+                     max_steps, warmup, DiagonalGaussianDistribution, SummaryWriter, entered)
     finally:
         if t.gradient_checkpointing:
             unet.disable_gradient_checkpointing()
@@ -249,7 +255,7 @@ def train(config: Config, base: BaseModel, dataset: Dataset, output_dir: Path,
 
 def _loop(config, base, dataset, output_dir, on_epoch, accelerator, optimizer, lr_scheduler,
           latent_params, text_cache, online_text, params, per_epoch, max_steps, warmup,
-          Gaussian, SummaryWriter) -> TrainResult:
+          Gaussian, SummaryWriter, entered: float) -> TrainResult:
     t = config.train
     device = base.device
     unet, vae, text_encoder, tokenizer = base.unet, base.vae, base.text_encoder, base.tokenizer
@@ -273,7 +279,15 @@ def _loop(config, base, dataset, output_dir, on_epoch, accelerator, optimizer, l
         for epoch in range(1, t.epochs + 1):
             epoch_losses: List[float] = []
             for batch in batches(epoch_order(dataset, t.seed, epoch), t.batch_size):
-                params_lat = torch.stack([latent_params[s.id] for s in batch]).to(device)
+                if step == 0 and micro == 0:
+                    result.setup_s = time.perf_counter() - entered
+                    loop_start = time.perf_counter()
+                if latent_params is not None:
+                    params_lat = torch.stack([latent_params[s.id] for s in batch]).to(device)
+                else:  # no cache: the VAE encodes every image every step
+                    with torch.no_grad():
+                        pixels = torch.stack([cache.image_tensor(s, config.resolution) for s in batch])
+                        params_lat = vae.encode(pixels.to(device, vae.dtype)).latent_dist.parameters.float()
                 latents = (Gaussian(params_lat).sample(generator=generator) - shift) * scaling
                 noise = torch.randn(latents.shape, generator=generator, device=device)
                 if t.noise_offset:
@@ -343,10 +357,14 @@ def _loop(config, base, dataset, output_dir, on_epoch, accelerator, optimizer, l
                     unet, text_encoder if t.trains_text_encoder else None), meta)
                 result.lora_files[epoch] = path
                 writer.flush()
-                if on_epoch is not None and on_epoch(epoch, path, epoch_loss) and not last:
+                callback_start = time.perf_counter()
+                stop = on_epoch is not None and on_epoch(epoch, path, epoch_loss)
+                result.callback_s += time.perf_counter() - callback_start
+                if stop and not last:
                     result.stopped_early = True
                     break
         progress.close()
+        result.train_s = time.perf_counter() - loop_start - result.callback_s
     finally:
         writer.close()
     return result

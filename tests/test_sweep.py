@@ -76,6 +76,14 @@ def test_smoke_sweep_runs_resumes_and_ranks(tmp_path, cache_dir, demo_dir):
     assert ranks == {2, 4}
     saved = pd.read_csv(study / "leaderboard.csv")
     assert len(saved) == 2 and len(pd.read_parquet(study / "leaderboard.parquet")) == 2
+    # The base model's images are rendered once per worker and shared by its trials.
+    first = sorted((study / "trial_0" / "cells" / "base").iterdir())
+    second = sorted((study / "trial_1" / "cells" / "base").iterdir())
+    assert [p.name for p in first] == [p.name for p in second] and first
+    assert all(a.read_bytes() == b.read_bytes() for a, b in zip(first, second))
+    timings = [json.loads((study / f"trial_{n}" / "trial.json").read_text())["timing"] for n in (0, 1)]
+    assert timings[1]["images"] == timings[0]["images"] - len(first)
+    assert all(t["steps"] == 6 and t["train_s"] > 0 and t["setup_s"] > 0 for t in timings)
     mtime = (study / "trial_0" / "lora" / "smoke_trial_0.safetensors").stat().st_mtime_ns
     again = sweep.run(cfg)  # resume: nothing left to run
     assert len(again) == 2 and not (study / "trial_2").exists()

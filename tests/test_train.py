@@ -170,3 +170,12 @@ def test_cli_bad_input_fails_early_and_leaves_nothing(cache_dir, tmp_path):
     assert not out.exists()
     proc = _cli("train.optimizer=adamw9bit", cwd=tmp_path)
     assert proc.returncode == 2 and "error: train.optimizer: unknown value 'adamw9bit'" in proc.stderr
+
+
+def test_training_without_caches_matches_training_with_them(base, cache_dir, demo_dir, tmp_path):
+    _run(base, cache_dir, tmp_path / "cached", epochs=1)
+    _run(base, cache_dir, tmp_path / "online", epochs=1, cache_latents=False, cache_text_embeddings=False)
+    a = load_file(tmp_path / "cached" / "lora" / "last.safetensors")
+    b = load_file(tmp_path / "online" / "lora" / "last.safetensors")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-4, rtol=1e-3)
