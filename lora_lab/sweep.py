@@ -178,6 +178,7 @@ class _Worker:
         value = _objective_value(ev.verdict, ev.judged, sweep.objective)
         timing = {"setup_s": round(result.setup_s, 3), "train_s": round(result.train_s, 3), "steps": result.steps,
                   "render_s": round(ev.timing["render_s"], 3), "switch_s": round(ev.timing["switch_s"], 3),
+                  "attach_s": round(ev.timing["attach_s"], 3),
                   "images": ev.timing["images"]}
         best = ev.verdict["best"] or {}
         log_hparams(tdir / "tb", params, {"objective": value, "likeness": best.get("likeness"),

@@ -168,3 +168,22 @@ def test_dead_worker_trial_is_retried_once(tmp_path, cache_dir, demo_dir):
     retried = json.loads((study_dir / f"trial_{trial.number}" / "trial.json").read_text())
     assert retried["state"] == "retried" and retried["params"] == params
     assert "worker running this trial died" in (study_dir / f"trial_{trial.number}" / "error.txt").read_text()
+
+
+@pytest.mark.parametrize("name", SWEEPS)
+def test_every_sweep_file_runs_a_trial_on_the_tiny_model(name, tmp_path, cache_dir, demo_dir):
+    cfg = compose([f"+sweep={name}", "sweep.n_trials=1", f"sweep.root={tmp_path}", f"sweep.reports={tmp_path / 'r'}",
+                   f"cache_dir={cache_dir}", "sweep.pruner=none", "train.resolution=32", "data.repeats=1",
+                   "eval.steps=2", "eval.seeds=[1]", "eval.max_prompts=1", "eval.strengths=[0,1]"])
+    if cfg.sweep.variants:  # keep each variant's settings but at most one epoch, for speed
+        for values in cfg.sweep.variants.values():
+            if "train.epochs" in values:
+                values["train.epochs"] = 1
+    cfg.sweep.fixed["train.epochs"] = 1
+    table = sweep.run(cfg)
+    assert len(table) == 1
+    row = table.iloc[0]
+    if row.state == "failed":  # only a CUDA-only setting may fail on a CPU, and it says so
+        assert "needs a CUDA GPU" in row.reason
+    else:
+        assert row.state == "complete" and (tmp_path / name / f"trial_{row.trial}" / "verdict.json").exists()
