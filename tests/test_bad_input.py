@@ -139,6 +139,3 @@ def test_bad_input_gets_one_clear_message_and_leaves_nothing(case, tmp_path, cac
     assert message in str(info.value)
     assert not (tmp_path / "sweeps").exists()  # refused before any study, trial or file
 
-
-def test_the_table_covers_at_least_fifteen_inputs():
-    assert len(CASES) >= 15
