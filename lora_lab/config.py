@@ -411,7 +411,7 @@ class SweepConfig:
         objective: combined, likeness, adherence or gain of the best cell (evaluation stage).
         direction: maximize or minimize.
         storage: null = a journal file in the study folder (one machine); a database URL
-            (postgresql://...) for workers on several machines.
+            (postgresql+psycopg://user@host/db) for workers on several machines.
         workers: Worker processes on this machine.
         root: Folder that holds the studies.
         reports: Folder the HTML report is written to (``<reports>/<name>/index.html``).

@@ -202,7 +202,7 @@ def _storage(sweep, study_dir: Path):
 
     if sweep.storage:
         if not sweep.storage.startswith(("postgresql", "mysql", "sqlite")):
-            raise ConfigError(f"sweep.storage: {sweep.storage!r} is not a database URL (postgresql://user@host/db)")
+            raise ConfigError(f"sweep.storage: {sweep.storage!r} is not a database URL (postgresql+psycopg://user@host/db)")
 
         def retry(study, trial) -> None:  # called by fail_stale_trials for a trial whose worker went silent
             _requeue(study, trial.number, trial.params, study_dir,
