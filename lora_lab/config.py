@@ -34,7 +34,7 @@ ADAPTIVE_OPTIMIZERS = ("prodigy", "dadaptation")
 MIXED_PRECISION = ("no", "fp16", "bf16")
 PRESETS = ("sd15", "sd21", "sd21_base")
 BUILTIN_MODELS = ("tiny", "bench")
-BUILTIN_DATA = ("demo",)
+BUILTIN_DATA = ("demo", "toyworld")
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 
 
@@ -107,7 +107,8 @@ class DataConfig:
         path: A kohya parent folder (``<path>/<repeats>_<token>/`` with images and same-stem
             caption files), a folder with a diffusers ``metadata.jsonl``, or a kohya
             ``dataset_config.toml`` file.
-        builtin: ``demo`` generates a small face data set offline (ignored when path is set).
+        builtin: ``demo`` generates a small face data set offline; ``toyworld`` the drawn
+            subject ``sks`` of the toy world (ignored when path is set).
         token: The trigger word (``anantn``); evaluation prompts use it. Defaults to the
             class tokens of the first kohya folder.
         caption_column: Caption field of ``metadata.jsonl`` lines.

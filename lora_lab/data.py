@@ -109,6 +109,10 @@ def load_dataset(cfg: DataConfig, cache_dir: Path) -> Dataset:
     """
     if cfg.path:
         path = Path(cfg.path).expanduser()
+    elif cfg.builtin == "toyworld":
+        from lora_lab.toyworld.world import subject_folder
+
+        path = subject_folder(Path(cache_dir))
     else:
         from lora_lab.demo_data import demo_folder
 

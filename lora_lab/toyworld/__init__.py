@@ -1,0 +1,1 @@
+"""The toy world: drawn characters whose attributes are known exactly (ground truth)."""

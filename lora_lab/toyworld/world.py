@@ -1,0 +1,207 @@
+"""A procedural world of small drawn characters, each with its attribute record and a caption.
+
+Every image is drawn with Pillow from an :class:`Attributes` record, so the truth about it is
+known exactly: hair colour and style, eye colour, skin tone, face shape, a cheek mark,
+accessories, background and pose. The subject ``sks`` is one identity whose combination
+(purple spiky hair, green eyes, a star on the cheek) never appears in the pretraining
+distribution that :func:`sample` draws from.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import asdict, dataclass, replace
+from typing import Dict, List, Tuple
+
+from PIL import Image, ImageDraw
+
+HAIR_COLOURS: Dict[str, Tuple[int, int, int]] = {
+    "black": (25, 25, 25), "brown": (110, 65, 30), "blonde": (235, 205, 110), "red": (200, 40, 30),
+    "white": (240, 240, 240), "blue": (40, 80, 220), "green": (40, 170, 60), "purple": (140, 50, 190),
+}
+EYE_COLOURS: Dict[str, Tuple[int, int, int]] = {
+    "brown": (100, 60, 20), "blue": (30, 110, 230), "green": (30, 170, 50), "gray": (130, 130, 140),
+}
+SKIN_TONES: Dict[str, Tuple[int, int, int]] = {
+    "pale": (250, 225, 205), "light": (235, 195, 160), "tan": (200, 150, 105), "brown": (150, 100, 65),
+    "dark": (95, 60, 40),
+}
+BACKGROUNDS: Dict[str, Tuple[int, int, int]] = {
+    "white": (245, 245, 245), "gray": (150, 150, 150), "yellow": (240, 220, 60), "orange": (240, 140, 40),
+    "pink": (240, 150, 190), "cyan": (60, 200, 220), "navy": (30, 40, 100), "olive": (120, 130, 40),
+}
+HAIR_STYLES = ("short", "long", "spiky", "bun")
+FACE_SHAPES = ("round", "oval", "square")
+MARKS = ("none", "star", "mole")
+PATTERNS = ("plain", "stripes", "dots")
+
+
+@dataclass(frozen=True)
+class Attributes:
+    """The ground truth of one drawing."""
+
+    hair_colour: str
+    hair_style: str
+    eye_colour: str
+    skin: str
+    face: str
+    mark: str
+    glasses: bool
+    hat: bool
+    earrings: bool
+    background: str
+    pattern: str
+    dx: int = 0
+    dy: int = 0
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+SUBJECT = Attributes(hair_colour="purple", hair_style="spiky", eye_colour="green", skin="light", face="oval",
+                     mark="star", glasses=False, hat=False, earrings=False, background="white", pattern="plain")
+
+
+def is_subject_identity(a: Attributes) -> bool:
+    """The subject's identity: purple spiky hair, green eyes and a star on the cheek."""
+    return (a.hair_colour, a.hair_style, a.eye_colour, a.mark) == ("purple", "spiky", "green", "star")
+
+
+def sample(rng: random.Random) -> Attributes:
+    """A random character of the pretraining world (never the subject's identity)."""
+    while True:
+        a = Attributes(
+            hair_colour=rng.choice(list(HAIR_COLOURS)), hair_style=rng.choice(HAIR_STYLES),
+            eye_colour=rng.choice(list(EYE_COLOURS)), skin=rng.choice(list(SKIN_TONES)),
+            face=rng.choice(FACE_SHAPES), mark=rng.choice(MARKS), glasses=rng.random() < 0.3,
+            hat=rng.random() < 0.2, earrings=rng.random() < 0.25, background=rng.choice(list(BACKGROUNDS)),
+            pattern=rng.choice(PATTERNS), dx=rng.randint(-3, 3), dy=rng.randint(-2, 2),
+        )
+        if not is_subject_identity(a):
+            return a
+
+
+def subject_variants(n: int, seed: int = 0) -> List[Attributes]:
+    """The subject in ``n`` varied drawings: backgrounds, accessories and pose change; the
+    identity (hair, eyes, mark, skin, face) does not."""
+    rng = random.Random(seed)
+    out = []
+    for i in range(n):
+        out.append(replace(SUBJECT, background=list(BACKGROUNDS)[i % len(BACKGROUNDS)],
+                           pattern=rng.choice(PATTERNS), glasses=rng.random() < 0.25, hat=rng.random() < 0.2,
+                           earrings=rng.random() < 0.25, dx=rng.randint(-3, 3), dy=rng.randint(-2, 2)))
+    return out
+
+
+def caption(a: Attributes, token: str = "") -> str:
+    """Our users' caption style. With a token (the subject), the identity is left to the token,
+    as kohya captions do: only what changes between images is described."""
+    wearing = [w for w, on in (("glasses", a.glasses), ("a hat", a.hat), ("earrings", a.earrings)) if on]
+    background = f"on a {a.background} background" + ("" if a.pattern == "plain" else f" with {a.pattern}")
+    if token:
+        parts = [f"photo of {token}"]
+    else:
+        parts = [f"photo of a person with {a.hair_colour} {a.hair_style} hair and {a.eye_colour} eyes"]
+        if a.mark != "none":
+            parts.append(f"a {a.mark} on the cheek")
+    if wearing:
+        parts.append("wearing " + " and ".join(wearing))
+    parts.append(background)
+    return ", ".join(parts)
+
+
+def draw(a: Attributes, size: int = 64) -> Image.Image:
+    """Draw a character at 4x and downsample (smooth edges); deterministic for a record."""
+    s = 4 * size
+    k = s / 64  # drawing units: a 64 x 64 canvas
+    im = Image.new("RGB", (s, s), BACKGROUNDS[a.background])
+    d = ImageDraw.Draw(im)
+
+    def box(x0, y0, x1, y1):
+        return [(x0 + a.dx) * k, (y0 + a.dy) * k, (x1 + a.dx) * k, (y1 + a.dy) * k]
+
+    shade = tuple(max(0, c - 40) for c in BACKGROUNDS[a.background])
+    if a.pattern == "stripes":
+        for x in range(0, 64, 8):
+            d.rectangle([x * k, 0, (x + 3) * k, s], fill=shade)
+    elif a.pattern == "dots":
+        for x in range(4, 64, 12):
+            for y in range(4, 64, 12):
+                d.ellipse([(x - 2) * k, (y - 2) * k, (x + 2) * k, (y + 2) * k], fill=shade)
+    hair, skin = HAIR_COLOURS[a.hair_colour], SKIN_TONES[a.skin]
+    d.rectangle(box(24, 48, 40, 64), fill=skin)  # neck
+    d.rectangle(box(12, 54, 52, 64), fill=(70, 70, 90))  # shoulders
+    if a.hair_style == "long":
+        d.rectangle(box(14, 16, 50, 52), fill=hair)
+    face = box(18, 14, 46, 48)
+    if a.face == "round":
+        d.ellipse(face, fill=skin)
+    elif a.face == "oval":
+        d.ellipse(box(20, 12, 44, 50), fill=skin)
+    else:
+        d.rounded_rectangle(face, radius=4 * k, fill=skin)
+    if a.hair_style == "spiky":
+        for x in range(16, 48, 6):
+            d.polygon([((x + a.dx) * k, (20 + a.dy) * k), ((x + 3 + a.dx) * k, (4 + a.dy) * k),
+                       ((x + 6 + a.dx) * k, (20 + a.dy) * k)], fill=hair)
+        d.rectangle(box(17, 14, 47, 21), fill=hair)
+    else:
+        d.chord(box(16, 8, 48, 34), 180, 360, fill=hair)
+        if a.hair_style == "bun":
+            d.ellipse(box(26, 1, 38, 12), fill=hair)
+    eye = EYE_COLOURS[a.eye_colour]
+    for x in (24, 35):
+        d.ellipse(box(x, 26, x + 6, 32), fill=(255, 255, 255))
+        d.ellipse(box(x + 1.5, 27, x + 4.5, 31), fill=eye)
+    d.line(box(28, 41, 36, 41), fill=(120, 40, 40), width=int(1.5 * k))
+    if a.mark == "star":
+        cx, cy = 40 + a.dx, 37 + a.dy
+        pts = [(cx, cy - 3), (cx + 1, cy - 1), (cx + 3, cy - 1), (cx + 1.5, cy + 0.5), (cx + 2, cy + 3),
+               (cx, cy + 1.5), (cx - 2, cy + 3), (cx - 1.5, cy + 0.5), (cx - 3, cy - 1), (cx - 1, cy - 1)]
+        d.polygon([(x * k, y * k) for x, y in pts], fill=(230, 200, 0))
+    elif a.mark == "mole":
+        d.ellipse(box(39, 36, 41, 38), fill=(60, 30, 20))
+    if a.glasses:
+        for x in (23, 34):
+            d.rectangle(box(x, 25, x + 8, 33), outline=(20, 20, 20), width=int(1.2 * k))
+        d.line(box(31, 28, 34, 28), fill=(20, 20, 20), width=int(1.2 * k))
+    if a.hat:
+        d.rectangle(box(14, 8, 50, 12), fill=(60, 40, 20))
+        d.rectangle(box(20, 0, 44, 9), fill=(60, 40, 20))
+    if a.earrings:
+        for x in (17, 46):
+            d.ellipse(box(x - 1.5, 36, x + 1.5, 39), fill=(250, 210, 40))
+    return im.resize((size, size), Image.LANCZOS)
+
+
+SUBJECT_FOLDER = "10_sks"
+SUBJECT_IMAGES = 16
+
+
+def subject_folder(cache_dir) -> "Path":
+    """A kohya parent folder with the subject ``sks`` in 16 drawings, captioned kohya-style;
+    written once under ``cache_dir/toyworld-v1``."""
+    import os
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    target = Path(cache_dir) / "toyworld-v1"
+    if (target / SUBJECT_FOLDER).is_dir():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".toyworld-", dir=target.parent))
+    try:
+        folder = tmp / SUBJECT_FOLDER
+        folder.mkdir()
+        for i, a in enumerate(subject_variants(SUBJECT_IMAGES, seed=0)):
+            draw(a).save(folder / f"{i:02d}.png")
+            (folder / f"{i:02d}.txt").write_text(caption(a, "sks") + "\n", encoding="utf-8")
+        try:
+            os.rename(tmp, target)
+        except OSError:
+            if not (target / SUBJECT_FOLDER).is_dir():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
