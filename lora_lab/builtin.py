@@ -8,10 +8,10 @@ as a user's own diffusers folder.
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import tempfile
 from pathlib import Path
+
+from lora_lab.files import publish_dir
 
 PRESETS_DIR = Path(__file__).resolve().parent / "presets"
 TINY_SEED = 0
@@ -54,21 +54,7 @@ def write_clip_tokenizer(folder: Path, pad_token: str = "<|endoftext|>") -> None
 
 
 def _publish(build, target: Path) -> Path:
-    """Build into a temp folder beside ``target`` and rename it into place (atomic)."""
-    if (target / "model_index.json").exists():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
-    try:
-        build(tmp)
-        try:
-            os.rename(tmp, target)
-        except OSError:
-            if not (target / "model_index.json").exists():  # lost a race: keep the winner
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return target
+    return publish_dir(target, build, "model_index.json")
 
 
 def preset_folder(name: str, cache_dir: Path) -> Path:

@@ -7,10 +7,7 @@ Every crop keeps the whole face, so the face scorer has a real face to detect.
 
 from __future__ import annotations
 
-import os
 import random
-import shutil
-import tempfile
 from pathlib import Path
 
 DEMO_VERSION = "demo-v1"
@@ -31,21 +28,9 @@ _SCENES = (
 
 def demo_folder(cache_dir: Path) -> Path:
     """The kohya parent folder of the demo set under ``cache_dir``, generated on first use."""
-    target = Path(cache_dir) / DEMO_VERSION
-    if (target / DEMO_FOLDER).is_dir():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".demo-", dir=target.parent))
-    try:
-        _write(tmp / DEMO_FOLDER)
-        try:
-            os.rename(tmp, target)
-        except OSError:
-            if not (target / DEMO_FOLDER).is_dir():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return target
+    from lora_lab.files import publish_dir
+
+    return publish_dir(Path(cache_dir) / DEMO_VERSION, lambda tmp: _write(tmp / DEMO_FOLDER), DEMO_FOLDER)
 
 
 def _write(folder: Path) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import random
 from dataclasses import asdict, dataclass, replace
+from pathlib import Path
 from typing import Dict, List, Tuple
 
 from PIL import Image, ImageDraw
@@ -178,30 +179,16 @@ SUBJECT_FOLDER = "10_sks"
 SUBJECT_IMAGES = 16
 
 
-def subject_folder(cache_dir) -> "Path":
+def subject_folder(cache_dir) -> Path:
     """A kohya parent folder with the subject ``sks`` in 16 drawings, captioned kohya-style;
     written once under ``cache_dir/toyworld-v1``."""
-    import os
-    import shutil
-    import tempfile
-    from pathlib import Path
+    from lora_lab.files import publish_dir
 
-    target = Path(cache_dir) / "toyworld-v1"
-    if (target / SUBJECT_FOLDER).is_dir():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".toyworld-", dir=target.parent))
-    try:
+    def build(tmp: Path) -> None:
         folder = tmp / SUBJECT_FOLDER
         folder.mkdir()
         for i, a in enumerate(subject_variants(SUBJECT_IMAGES, seed=0)):
             draw(a).save(folder / f"{i:02d}.png")
             (folder / f"{i:02d}.txt").write_text(caption(a, "sks") + "\n", encoding="utf-8")
-        try:
-            os.rename(tmp, target)
-        except OSError:
-            if not (target / SUBJECT_FOLDER).is_dir():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return target
+
+    return publish_dir(Path(cache_dir) / "toyworld-v1", build, SUBJECT_FOLDER)
