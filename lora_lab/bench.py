@@ -235,15 +235,106 @@ def _table(r: Dict) -> str:
         (f"RSS trial 2 -> {len(m['rss_mb'])}", "", f"{m['rss_mb'][1]:.0f} -> {m['rss_mb'][-1]:.0f} MB",
          f"{100 * growth:+.1f}% (target within 10%)" if growth is not None else ""),
     ]
-    width = [max(len(x[i]) for x in rows + [("", "baseline", "lora_lab", "")]) for i in range(4)]
-    head = ("", "baseline", "lora_lab", "")
-    lines = ["  ".join(c.ljust(w) for c, w in zip(head, width))]
-    lines += ["  ".join(c.ljust(w) for c, w in zip(row, width)) for row in rows]
+    return _columns(("", "baseline", "lora_lab", ""), rows)
+
+
+def _columns(head, rows) -> str:
+    """Left-aligned text columns."""
+    width = [max(len(str(x[i])) for x in [head, *rows]) for i in range(len(head))]
+    return "\n".join("  ".join(str(c).ljust(w) for c, w in zip(row, width)).rstrip() for row in [head, *rows])
+
+
+def truth(args) -> dict:
+    """Run the truth sweep on the toy world, then check every cell's verdict and each pick
+    against the read-out's ground truth (:mod:`lora_lab.toyworld.truth`)."""
+    import pandas as pd
+
+    from lora_lab.config import JudgeConfig
+    from lora_lab.toyworld import assets
+    from lora_lab.toyworld import truth as gt
+    from lora_lab.toyworld.world import SUBJECT_FOLDER, subject_folder
+
+    root = Path(args.out).resolve()
+    cmd = [sys.executable, "-m", "lora_lab.sweep", "+sweep=truth", "model=toyworld", "data=toyworld",
+           f"sweep.root={root}", f"sweep.reports={root / 'reports'}", f"cache_dir={args.cache_dir}", *args.overrides]
+    print("running: " + " ".join(cmd[1:]), flush=True)
+    started = time.perf_counter()
+    subprocess.run(cmd, check=True)
+    sweep_s = time.perf_counter() - started
+    study = root / "truth"
+    readout = assets.load_readout()
+    refs = sorted(p for p in (subject_folder(Path(args.cache_dir)) / SUBJECT_FOLDER).glob("*.png"))
+    top = gt.ceiling(readout, refs)
+    rows, tables = [], []
+    for trial_dir in sorted(study.glob("trial_*"), key=lambda p: int(p.name.split("_")[1])):
+        if not (trial_dir / "verdict.json").exists():
+            continue
+        doc = json.loads((trial_dir / "verdict.json").read_text(encoding="utf-8"))
+        judge_cfg = JudgeConfig(**doc["thresholds"])
+        scores = pd.read_csv(trial_dir / "scores.csv")
+        judged = pd.read_csv(trial_dir / "scores_agg.csv")
+        table = gt.truth_cells(gt.read_scores(scores, readout, Path.cwd()), top, judge_cfg)
+        result = gt.compare(judged, table, doc.get("best"))
+        params = json.loads((trial_dir / "trial.json").read_text(encoding="utf-8")).get("params", {})
+        rows.append({"trial": trial_dir.name, "params": params, "cells": result["cells"],
+                     "agreement": result["agreement"], "pick": doc.get("best") and
+                     {"epoch": doc["best"]["epoch"], "strength": doc["best"]["strength"]},
+                     "pick_rank": result["pick_rank"], "true_best": result["true_best"],
+                     "confusion": result["confusion"]})
+        tables.append(result["table"].assign(trial=trial_dir.name))
+    merged = pd.concat(tables) if tables else pd.DataFrame()
+    lora_cells = merged[merged.strength != 0] if len(merged) else merged
+    overall = float((lora_cells.verdict == lora_cells.true_verdict).mean()) if len(lora_cells) else float("nan")
+    picks = [r["pick_rank"] for r in rows if r["pick_rank"] is not None]
+    summary = {
+        "sweep_s": round(sweep_s, 1), "reference_identity": top, "trials": rows,
+        "cells": int(len(lora_cells)), "verdict_agreement": overall,
+        "picks_in_true_top3": sum(1 for r in picks if r <= 3), "picks": len(picks),
+        "confusion": pd.crosstab(lora_cells.true_verdict, lora_cells.verdict).to_dict() if len(lora_cells) else {},
+    }
+    if len(merged):
+        merged.to_csv(study / "truth_cells.csv", index=False)
+    out = root / "truth.json"
+    out.write_text(json.dumps(summary, indent=2, default=str) + "\n", encoding="utf-8")
+    print(truth_text(summary))
+    print(f"\ncells with both verdicts: {study / 'truth_cells.csv'}\nfigures: {out}")
+    return summary
+
+
+def truth_text(s: dict) -> str:
+    lines = ["", "truth benchmark: lora_lab's verdicts (tiny CLIP) against the read-out's ground truth",
+             f"sweep: {s['sweep_s']:.0f} s; the read-out sees {s['reference_identity']:.0%} of the identity "
+             "in the training drawings", ""]
+    head = ["trial", "params", "agreement", "pick (epoch, strength)", "true rank", "true best"]
+    body = []
+    for r in s["trials"]:
+        pick = f"({r['pick']['epoch']}, {r['pick']['strength']:g})" if r["pick"] else "none"
+        best = f"({r['true_best']['epoch']}, {r['true_best']['strength']:g})" if r["true_best"] else "none"
+        params = ", ".join(f"{k.split('.')[-1]}={v}" for k, v in r["params"].items())
+        body.append([r["trial"], params, f"{r['agreement']:.0%}", pick, str(r["pick_rank"] or "-"), best])
+    lines.append(_columns(head, body))
+    lines += ["", f"verdict agreement over {s['cells']} cells: {s['verdict_agreement']:.1%} (target 90%)",
+              f"picks in the true top 3: {s['picks_in_true_top3']} of {s['picks']} (target: all)",
+              "confusion (rows: truth, columns: lora_lab):"]
+    verdicts = ["underfit", "good", "overfit"]
+    conf = s["confusion"]
+    lines.append(_columns(["truth \\ lora_lab"] + verdicts,
+                        [[t] + [str(int(conf.get(v, {}).get(t, 0))) for v in verdicts] for t in verdicts]))
     return "\n".join(lines)
 
 
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["truth"]:
+        parser = argparse.ArgumentParser(prog="python -m lora_lab.bench truth",
+                                         description="lora_lab's verdicts and picks against the toy world's truth")
+        parser.add_argument("--cache-dir", default="sweeps/.cache")
+        parser.add_argument("--out", default="sweeps/bench-truth")
+        parser.add_argument("overrides", nargs="*", help="Hydra overrides for the sweep (eval.seeds=[1,2] ...)")
+        args = parser.parse_args(argv[1:])
+        args.cache_dir = str(Path(args.cache_dir).resolve())
+        truth(args)
+        return 0
     if argv[:1] == ["baseline-trial"]:
         from lora_lab.cli import setup_logging
 

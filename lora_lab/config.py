@@ -33,7 +33,7 @@ OPTIMIZERS = ("adamw", "adamw8bit", "adafactor", "prodigy", "dadaptation", "lion
 ADAPTIVE_OPTIMIZERS = ("prodigy", "dadaptation")
 MIXED_PRECISION = ("no", "fp16", "bf16")
 PRESETS = ("sd15", "sd21", "sd21_base")
-BUILTIN_MODELS = ("tiny", "bench")
+BUILTIN_MODELS = ("tiny", "bench", "toyworld")
 BUILTIN_DATA = ("demo", "toyworld")
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 
@@ -63,7 +63,8 @@ class ModelConfig:
         pretrained: A hub id (``org/name``), a local diffusers folder, or a single-file
             ``.safetensors`` checkpoint (the files A1111 users have). Pickle files are refused.
         builtin: ``tiny`` builds a small SD-shaped model in code (saved to the cache folder
-            and loaded back like any local folder); ``bench`` a larger one for benchmarks.
+            and loaded back like any local folder); ``bench`` a larger one for benchmarks;
+            ``toyworld`` the toy world's trained model (weights shipped with lora_lab).
             Ignored when ``pretrained`` is set.
         preset: Architecture of a single-file checkpoint: sd15, sd21 (v-prediction, 768 px)
             or sd21_base (epsilon, 512 px). Its config files ship with lora_lab.

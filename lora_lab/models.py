@@ -69,6 +69,10 @@ def resolve_source(cfg: ModelConfig, cache_dir: Path) -> tuple[str, str]:
     Raises:
         ModelError: for a pickle checkpoint, a missing path, or an unrecognised folder.
     """
+    if not cfg.pretrained and cfg.builtin == "toyworld":
+        from lora_lab.toyworld.assets import model_folder
+
+        return "folder", str(model_folder(cache_dir))
     if not cfg.pretrained:
         return "folder", str(tiny_folder(cache_dir, cfg.builtin))
     raw = cfg.pretrained

@@ -91,6 +91,19 @@ def _safe_state_dict(path: Path) -> dict:
     return torch.load(str(path), map_location="cpu", weights_only=True)
 
 
+def _shipped_clip(cfg: ClipScorerConfig) -> Optional[Path]:
+    """Weights that ship with lora_lab: the toy world's CLIP (``lora-lab-toyworld-clip`` with
+    pretrained ``lora_lab``)."""
+    from lora_lab.toyworld import assets, nets
+
+    if cfg.pretrained != assets.CLIP_TAG:
+        return None
+    if cfg.model != nets.CLIP_NAME:
+        raise ConfigError(f"eval.clip.pretrained: {assets.CLIP_TAG!r} weights exist only for {nets.CLIP_NAME}, "
+                          f"not {cfg.model!r}")
+    return assets.clip_checkpoint()
+
+
 class ClipEmbedder:
     """open_clip image and text towers; unit-norm embeddings."""
 
@@ -104,7 +117,10 @@ class ClipEmbedder:
         self.device = device
         self.name = cfg.model
         self.random, pretrained = True, None
-        if cfg.pretrained:
+        shipped = _shipped_clip(cfg)
+        if shipped:
+            pretrained = str(shipped)
+        elif cfg.pretrained:
             local = Path(cfg.pretrained).expanduser()
             if local.suffix in (".safetensors", ".pt", ".pth", ".bin"):
                 if not local.exists():

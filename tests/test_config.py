@@ -28,12 +28,26 @@ def test_every_group_option_composes(group, option):
         assert cfg.model.name == option
 
 
-def test_default_is_tiny_demo_with_cpu_sized_settings():
+def test_default_is_the_toy_world_with_its_own_clip():
     cfg = compose()
+    assert cfg.model.builtin == "toyworld" and cfg.data.builtin == "toyworld" and cfg.data.token == "sks person"
+    assert cfg.resolution == 32 and cfg.eval.suite == "toyworld"
+    assert cfg.eval.clip.model == "lora-lab-toyworld-clip" and cfg.eval.clip.pretrained == "lora_lab"
+    assert compose(["train.epochs=7"]).train.epochs == 7  # the command line still wins
+
+
+def test_tiny_demo_keeps_cpu_sized_settings():
+    cfg = compose(["model=tiny", "data=demo"])
     assert cfg.model.builtin == "tiny" and cfg.data.builtin == "demo"
     assert cfg.resolution == 64 and cfg.train.epochs == 3
     assert cfg.eval.clip.model == "lora-lab-tiny-clip" and cfg.eval.face.pretrained is None
-    assert compose(["train.epochs=7"]).train.epochs == 7  # the command line still wins
+
+
+def test_smoke_sweep_runs_on_tiny_unless_told_otherwise():
+    cfg = compose(["+sweep=smoke"])
+    assert cfg.model.builtin == "tiny" and cfg.data.builtin == "demo" and cfg.sweep.name == "smoke"
+    cfg = compose(["+sweep=smoke", "model=toyworld", "data=toyworld"])
+    assert cfg.model.builtin == "toyworld" and cfg.data.builtin == "toyworld"
 
 
 def test_real_models_keep_kohya_defaults_and_real_scorers():

@@ -28,7 +28,7 @@ def test_every_sweep_file_composes_with_real_config_paths(name, tmp_path):
     cfg = compose([f"+sweep={name}"])
     sweep.check_keys(cfg)
     assert cfg.sweep.name == name
-    expected = {"scheduler": 3, "optimizer": 5, "rank_alpha": 3, "repeats": 3, "smoke": 2}
+    expected = {"scheduler": 3, "optimizer": 5, "rank_alpha": 3, "repeats": 3, "smoke": 2, "truth": 6}
     if cfg.sweep.sampler == "grid":
         assert cfg.sweep.grid_size() == expected[name]
     # Every trial's config is valid (the grid's combinations build and validate).
@@ -171,8 +171,8 @@ def test_dead_worker_trial_is_retried_once(tmp_path, cache_dir, demo_dir):
 
 @pytest.mark.parametrize("name", SWEEPS)
 def test_every_sweep_file_runs_a_trial_on_the_tiny_model(name, tmp_path, cache_dir, demo_dir):
-    cfg = compose([f"+sweep={name}", "sweep.n_trials=1", f"sweep.root={tmp_path}", f"sweep.reports={tmp_path / 'r'}",
-                   f"cache_dir={cache_dir}", "sweep.pruner=none", "train.resolution=32", "data.repeats=1",
+    cfg = compose([f"+sweep={name}", "model=tiny", "data=demo", "sweep.n_trials=1", f"sweep.root={tmp_path}",
+                   f"sweep.reports={tmp_path / 'r'}", f"cache_dir={cache_dir}", "sweep.pruner=none", "train.resolution=32", "data.repeats=1",
                    "eval.steps=2", "eval.seeds=[1]", "eval.max_prompts=1", "eval.strengths=[0,1]"])
     if cfg.sweep.variants:  # keep each variant's settings but at most one epoch, for speed
         for values in cfg.sweep.variants.values():

@@ -6,6 +6,7 @@ import random
 from collections import Counter
 
 import numpy as np
+from PIL import Image
 import pytest
 
 from lora_lab.config import DataConfig
@@ -58,10 +59,11 @@ def test_captions():
     a = _plain(hair_colour="red", eye_colour="blue", glasses=True, background="cyan", pattern="stripes", mark="mole")
     assert caption(a) == ("photo of a person with red short hair and blue eyes, a mole on the cheek, "
                           "wearing glasses, on a cyan background with stripes")
-    assert caption(subject_variants(1)[0], "sks").startswith("photo of sks, ")
+    assert caption(subject_variants(1)[0], "sks person").startswith("photo of sks person, ")
 
 
 def test_toyworld_data_set(cache_dir):
-    ds = load_dataset(DataConfig(builtin="toyworld", token="sks"), cache_dir)
-    assert len(ds.samples) == 16 and {s.repeats for s in ds.samples} == {10}
-    assert all(s.caption.startswith("photo of sks") for s in ds.samples)
+    ds = load_dataset(DataConfig(builtin="toyworld", token="sks person"), cache_dir)
+    assert len(ds.samples) == 16 and {s.repeats for s in ds.samples} == {10} and ds.token == "sks person"
+    assert all(s.caption.startswith("photo of sks person") for s in ds.samples)
+    assert {Image.open(s.path).size for s in ds.samples} == {(32, 32)}

@@ -175,20 +175,77 @@ def draw(a: Attributes, size: int = 64) -> Image.Image:
     return im.resize((size, size), Image.LANCZOS)
 
 
-SUBJECT_FOLDER = "10_sks"
+SUBJECT_TOKEN = "sks person"  # kohya class tokens: the name and the class
+SUBJECT_FOLDER = f"10_{SUBJECT_TOKEN}"
 SUBJECT_IMAGES = 16
+SIZE = 32  # the toy world's models work at 32 px
 
 
 def subject_folder(cache_dir) -> Path:
-    """A kohya parent folder with the subject ``sks`` in 16 drawings, captioned kohya-style;
-    written once under ``cache_dir/toyworld-v1``."""
+    """A kohya parent folder ``10_sks person/`` with the subject in 16 drawings of :data:`SIZE`
+    px, captioned kohya-style (``photo of sks person, wearing glasses, on a cyan background``);
+    written once under ``cache_dir/toyworld-v3``."""
     from lora_lab.files import publish_dir
 
     def build(tmp: Path) -> None:
         folder = tmp / SUBJECT_FOLDER
         folder.mkdir()
         for i, a in enumerate(subject_variants(SUBJECT_IMAGES, seed=0)):
-            draw(a).save(folder / f"{i:02d}.png")
-            (folder / f"{i:02d}.txt").write_text(caption(a, "sks") + "\n", encoding="utf-8")
+            draw(a, SIZE).save(folder / f"{i:02d}.png")
+            (folder / f"{i:02d}.txt").write_text(caption(a, SUBJECT_TOKEN) + "\n", encoding="utf-8")
 
-    return publish_dir(Path(cache_dir) / "toyworld-v1", build, SUBJECT_FOLDER)
+    return publish_dir(Path(cache_dir) / "toyworld-v3", build, SUBJECT_FOLDER)
+
+
+# Caption parts that a prompt may name or leave out (pretraining shows the model both).
+FIELDS = ("hair", "eyes", "mark", "wearing", "background")
+# Attributes a hard-negative caption may change, by caption part.
+CHANGEABLE = {"hair": ("hair_colour", "hair_style"), "eyes": ("eye_colour",), "mark": ("mark",),
+              "background": ("background", "pattern")}
+_VALUES = {"hair_colour": tuple(HAIR_COLOURS), "hair_style": HAIR_STYLES, "eye_colour": tuple(EYE_COLOURS),
+           "mark": MARKS, "background": tuple(BACKGROUNDS), "pattern": PATTERNS}
+
+
+def partial_caption(a: Attributes, fields, style: bool = True) -> str:
+    """A caption naming only ``fields`` (a subset of :data:`FIELDS`); with ``style`` False the
+    hair is named by colour only (``with red hair``)."""
+    fields = set(fields)
+    people = []
+    if "hair" in fields:
+        people.append(f"{a.hair_colour} {a.hair_style} hair" if style else f"{a.hair_colour} hair")
+    if "eyes" in fields:
+        people.append(f"{a.eye_colour} eyes")
+    parts = ["photo of a person" + (" with " + " and ".join(people) if people else "")]
+    if "mark" in fields and a.mark != "none":
+        parts.append(f"a {a.mark} on the cheek")
+    wearing = [w for w, on in (("glasses", a.glasses), ("a hat", a.hat), ("earrings", a.earrings)) if on]
+    if "wearing" in fields and wearing:
+        parts.append("wearing " + " and ".join(wearing))
+    if "background" in fields:
+        parts.append(f"on a {a.background} background" + ("" if a.pattern == "plain" else f" with {a.pattern}"))
+    return ", ".join(parts)
+
+
+def random_caption(a: Attributes, rng: random.Random) -> Tuple[str, tuple, bool]:
+    """Half the time the full caption, else a random non-empty subset of its parts.
+
+    Returns (caption, fields, style)."""
+    if rng.random() < 0.5:
+        return caption(a), FIELDS, True
+    fields = tuple(f for f in FIELDS if rng.random() < 0.5) or (rng.choice(FIELDS),)
+    style = rng.random() < 0.5
+    return partial_caption(a, fields, style), fields, style
+
+
+def change_one(a: Attributes, rng: random.Random, fields=FIELDS, style: bool = True) -> Attributes:
+    """``a`` with one attribute that a caption of ``fields`` names changed to another value
+    (a hard negative for the contrastive loss and the caption-ranking test)."""
+    names = [n for f in fields for n in CHANGEABLE.get(f, ()) if style or n != "hair_style"]
+    if not names:
+        names = ["hair_colour"]
+    name = rng.choice(names)
+    values = [v for v in _VALUES[name] if v != getattr(a, name)]
+    if name == "mark" and tuple(fields) != FIELDS:
+        values = [v for v in values if v != "none"]  # a partial caption that omits the mark says nothing of it
+    value = rng.choice(values)
+    return replace(a, **{name: value})

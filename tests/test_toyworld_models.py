@@ -1,0 +1,220 @@
+"""The toy world's models: conversion, pretraining machinery (smoke-sized, never the real run),
+the shipped weights, and the ground-truth rules of the truth benchmark."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pandas as pd
+import pytest
+import torch
+
+from lora_lab.config import ClipScorerConfig, JudgeConfig, ModelConfig
+from lora_lab.toyworld import assets, nets, pretrain, quality, truth, world
+
+
+def test_text_encoder_conversion_gives_the_same_hidden_states():
+    torch.manual_seed(0)
+    clip = nets.make_clip().eval()
+    for p in clip.parameters():  # random but not tiny: a wrong key or a swapped q/k/v would show
+        p.data.normal_(0, 0.2)
+    te = nets.text_encoder_from_clip(clip.state_dict())
+    ids = nets.clip_tokenizer()(["photo of a person with red hair", "photo of sks, wearing a hat"])
+    with torch.no_grad():
+        x = clip.token_embedding(ids) + clip.positional_embedding
+        want = clip.ln_final(clip.transformer(x, attn_mask=clip.attn_mask))
+        got = te(ids).last_hidden_state
+    assert torch.allclose(got, want, atol=1e-5)
+    with torch.no_grad():
+        short = pretrain.encode_text_short(clip, ids)
+        full = torch.nn.functional.normalize(clip.encode_text(ids), dim=-1)
+    assert torch.allclose(short, full, atol=1e-5)
+
+
+def test_hard_negatives_change_one_named_attribute():
+    rng = random.Random(0)
+    for _ in range(300):
+        a = world.sample(rng)
+        text, fields, style = world.random_caption(a, rng)
+        b = world.change_one(a, rng, fields, style)
+        changed = [k for k, v in a.as_dict().items() if getattr(b, k) != v]
+        assert len(changed) == 1
+        negative = world.caption(b) if fields == world.FIELDS else world.partial_caption(b, fields, style)
+        if set(fields) & {"hair", "eyes", "background"}:  # a caption naming none of them ("photo of
+            assert negative != text, (text, changed)       # a person") has no visible change to make
+
+
+def test_partial_captions():
+    a = world.replace(world.SUBJECT, hair_colour="red", background="navy", pattern="dots")
+    assert world.partial_caption(a, ["hair"], style=False) == "photo of a person with red hair"
+    assert world.partial_caption(a, ["eyes", "background"]) == \
+        "photo of a person with green eyes, on a navy background with dots"
+
+
+def test_stage_resumes_to_the_same_weights(tmp_path):
+    def run(work, stop_at=None):
+        torch.manual_seed(0)
+        model = torch.nn.Linear(3, 2)
+        plan = pretrain.Plan(seed=1)
+
+        def loss_fn(step):
+            if step == stop_at:
+                raise KeyboardInterrupt
+            g = pretrain._gen(plan, "t", step)
+            x = torch.randn(8, 3, generator=g)
+            return (model(x) - x[:, :2]).pow(2).mean()
+
+        return pretrain._train("t", work, model, steps=6, lr=0.05, loss_fn=loss_fn, every=2, ema_decay=0.9)
+
+    whole = run(tmp_path / "a")
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path / "b", stop_at=3)
+    assert json.loads(json.dumps(torch.load(tmp_path / "b" / "t.ckpt.pt", weights_only=True)["step"])) == 2
+    resumed = run(tmp_path / "b")
+    for k in whole:
+        assert torch.equal(whole[k], resumed[k])
+
+
+@pytest.fixture(scope="module")
+def smoke_weights(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pretrain")
+    pretrain.main(["--smoke", "--work", str(root / "work"), "--weights", str(root / "weights")])
+    return root / "weights"
+
+
+def test_smoke_pretrain_writes_float16_weights_and_a_manifest(smoke_weights):
+    from safetensors.torch import load_file
+
+    info = json.loads((smoke_weights / "manifest.json").read_text())
+    assert set(info["files"]) == {"clip.safetensors", "text_encoder.safetensors", "vae.safetensors",
+                                  "unet.safetensors", "readout.safetensors"}
+    assert info["plan"]["unet_steps"] == pretrain.SMOKE.unet_steps and info["vae_scaling_factor"] > 0
+    assert info["command"].startswith("python -m lora_lab.toyworld.pretrain --smoke")
+    for name, digest in info["files"].items():
+        assert pretrain.sha256(smoke_weights / name) == digest
+        assert {t.dtype for t in load_file(str(smoke_weights / name)).values()} <= {torch.float16, torch.int64}
+
+
+def test_weights_load_as_a_diffusers_folder_and_a_clip_scorer(smoke_weights, tmp_path, monkeypatch):
+    from lora_lab.models import load_base
+    from lora_lab.scores import ClipEmbedder
+
+    monkeypatch.setenv(assets.WEIGHTS_ENV, str(smoke_weights))
+    base = load_base(ModelConfig(name="toyworld", builtin="toyworld", resolution=32), tmp_path, torch.device("cpu"))
+    assert base.source.startswith(str(tmp_path / "models" / "toyworld-"))
+    assert base.vae.config.scaling_factor == pytest.approx(json.loads(
+        (smoke_weights / "manifest.json").read_text())["vae_scaling_factor"])
+    unet = assets.load_state("unet", smoke_weights)
+    assert all(torch.equal(base.unet.state_dict()[k], v) for k, v in unet.items())
+    image = base.pipe("photo of sks", num_inference_steps=2, height=32, width=32, output_type="pil").images[0]
+    assert image.size == (32, 32)
+    clip = ClipEmbedder(ClipScorerConfig(model=nets.CLIP_NAME, pretrained=assets.CLIP_TAG), torch.device("cpu"))
+    assert not clip.random
+    shipped = assets.load_state("clip", smoke_weights)
+    assert torch.equal(clip.model.state_dict()["token_embedding.weight"], shipped["token_embedding.weight"])
+
+
+def test_missing_weights_say_how_to_make_them(tmp_path, monkeypatch):
+    from lora_lab.errors import ModelError
+
+    monkeypatch.setenv(assets.WEIGHTS_ENV, str(tmp_path))
+    with pytest.raises(ModelError, match="python -m lora_lab.toyworld.pretrain"):
+        assets.model_folder(tmp_path / "cache")
+
+
+def _scores(cells):
+    """Rows like scores.csv, the read-out's view already filled in: cells = {(epoch, strength):
+    (identity share on likeness images, shown share per adaptability prompt)}."""
+    rows = []
+    for (epoch, strength), (identity, shown) in cells.items():
+        rows.append({"epoch": epoch, "label": f"e{epoch}", "strength": strength, "prompt_kind": "likeness",
+                     "prompt": "photo of sks", "identity": identity, "asked_shown": float("nan")})
+        for prompt, value in shown.items():
+            rows.append({"epoch": epoch, "label": f"e{epoch}", "strength": strength, "prompt_kind": "adaptability",
+                         "prompt": prompt, "identity": float("nan"), "asked_shown": value})
+    return pd.DataFrame(rows)
+
+
+def test_true_verdicts_follow_the_judge_rules():
+    red, navy = "photo of sks with red hair", "photo of sks, on a navy background"
+    read = _scores({
+        (1, 0.0): (0.25, {red: 1.0, navy: 1.0}),   # the base model
+        (1, 1.0): (0.40, {red: 1.0, navy: 1.0}),   # gain 0.2 < 0.3: underfit
+        (2, 1.0): (0.80, {red: 0.9, navy: 1.0}),   # gain 0.73, adherence held: good
+        (3, 1.0): (1.00, {red: 0.5, navy: 1.0}),   # red hair lost: overfit
+    })
+    table = truth.truth_cells(read, top=1.0, cfg=JudgeConfig())
+    got = dict(zip(zip(table.epoch, table.strength), table.true_verdict))
+    assert got == {(1, 0.0): "base", (1, 1.0): "underfit", (2, 1.0): "good", (3, 1.0): "overfit"}
+    judged = pd.DataFrame({"epoch": [1, 1, 2, 3], "label": ["e1", "e1", "e2", "e3"], "strength": [0.0, 1.0, 1.0, 1.0],
+                           "verdict": ["base", "underfit", "good", "good"]})
+    result = truth.compare(judged, table, {"epoch": 3, "strength": 1.0})
+    assert result["agreement"] == pytest.approx(2 / 3)
+    assert result["true_best"] == {"epoch": 2, "strength": 1.0}
+    assert result["pick_rank"] == 3  # the overfit cell ranks below every cell that is not
+
+
+def test_prompts_map_to_the_attribute_they_ask_for():
+    assert truth.asked("photo of sks with red hair") == ("hair_colour", "red")
+    assert truth.asked("photo of sks, on a navy background") == ("background", "navy")
+    assert truth.asked("photo of sks") is None
+    assert truth.identity_match({"hair_colour": "purple", "hair_style": "spiky", "eye_colour": "blue",
+                                 "mark": "star"}) == 0.75
+
+
+# The shipped weights (made by `python -m lora_lab.toyworld.pretrain`; tests never retrain them).
+
+
+def test_shipped_weights_match_their_manifest_and_stay_small():
+    info = assets.manifest()
+    total = 0
+    for name, digest in info["files"].items():
+        path = assets.WEIGHTS_DIR / name
+        assert pretrain.sha256(path) == digest, f"{name} differs from the manifest"
+        total += path.stat().st_size
+    assert total < 20 * 2**20
+    assert info["command"].startswith("python -m lora_lab.toyworld.pretrain") and info["plan"]["seed"] == 0
+
+
+def test_shipped_readout_reads_held_out_drawings():
+    from lora_lab.toyworld.quality import readout_accuracy
+
+    readout = assets.load_readout()
+    accuracy = readout_accuracy(readout, n=300)
+    assert min(v for k, v in accuracy.items() if k != "hair_style") >= 0.95, accuracy
+    # A hat hides the hair style; without one the style is read as well as the rest.
+    hatless = [a for a in quality.heldout(300) if not a.hat]
+    seen = assets.read(readout, [world.draw(a, nets.RESOLUTION) for a in hatless])
+    assert sum(s["hair_style"] == a.hair_style for s, a in zip(seen, hatless)) / len(hatless) >= 0.95
+
+
+def test_shipped_clip_scores_the_caption_that_fits_highest():
+    from lora_lab.scores import ClipEmbedder
+
+    clip = ClipEmbedder(ClipScorerConfig(model=nets.CLIP_NAME, pretrained=assets.CLIP_TAG), torch.device("cpu"))
+    assert not clip.random and clip.source == f"{nets.CLIP_NAME}/{assets.CLIP_TAG}"
+    rng = random.Random(11)
+    records = [world.sample(rng) for _ in range(40)]
+    images = clip.images([world.draw(a, nets.RESOLUTION) for a in records])
+    colours = list(world.HAIR_COLOURS)
+    texts = clip.texts([f"photo of a person with {c} hair" for c in colours])
+    picked = [colours[int(i)] for i in (images @ texts.T).argmax(dim=1)]
+    assert sum(p == a.hair_colour for p, a in zip(picked, records)) >= 36
+
+
+def test_toyworld_model_draws_what_the_prompt_asks(cache_dir):
+    from lora_lab.models import load_base
+    from lora_lab.render import make_scheduler
+
+    base = load_base(ModelConfig(name="toyworld", builtin="toyworld", resolution=32), cache_dir, torch.device("cpu"))
+    base.pipe.scheduler = make_scheduler("Euler a", dict(base.pipe.scheduler.config))
+    readout = assets.load_readout()
+    asked = {"red": "cyan", "blue": "yellow", "white": "navy", "green": "pink"}
+    prompts = [f"photo of a person with {h} hair and brown eyes, on a {b} background" for h, b in asked.items()]
+    images = base.pipe(prompts, num_inference_steps=20, guidance_scale=7.0, height=32, width=32,
+                       generator=[torch.Generator().manual_seed(i) for i in range(len(prompts))]).images
+    seen = assets.read(readout, images)
+    hits = sum(s["hair_colour"] == h for s, h in zip(seen, asked)) + \
+        sum(s["background"] == b for s, b in zip(seen, asked.values()))
+    assert hits >= 7, seen
