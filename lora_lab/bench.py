@@ -291,6 +291,9 @@ def truth(args) -> dict:
         "cells": int(len(lora_cells)), "verdict_agreement": overall,
         "picks_in_true_top3": sum(1 for r in picks if r <= 3), "picks": len(picks),
         "confusion": pd.crosstab(lora_cells.true_verdict, lora_cells.verdict).to_dict() if len(lora_cells) else {},
+        "identity_shown": {name: {"base": float(merged[merged.strength == 0][f"shows_{name}"].mean()),
+                                  "lora": float(lora_cells[f"shows_{name}"].mean())}
+                           for name in gt.IDENTITY} if len(lora_cells) else {},
     }
     if len(merged):
         merged.to_csv(study / "truth_cells.csv", index=False)
@@ -320,6 +323,10 @@ def truth_text(s: dict) -> str:
     conf = s["confusion"]
     lines.append(_columns(["truth \\ lora_lab"] + verdicts,
                         [[t] + [str(int(conf.get(v, {}).get(t, 0))) for v in verdicts] for t in verdicts]))
+    if s.get("identity_shown"):
+        lines += ["", "the subject's identity in the likeness images, part by part (read-out):"]
+        lines.append(_columns(["part", "base model", "LoRA cells"],
+                              [[k, f"{v['base']:.0%}", f"{v['lora']:.0%}"] for k, v in s["identity_shown"].items()]))
     return "\n".join(lines)
 
 

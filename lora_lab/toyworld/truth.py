@@ -54,6 +54,8 @@ def read_scores(scores: pd.DataFrame, readout, root: Path) -> pd.DataFrame:
         seen += assets.read(readout, [Image.open(p).convert("RGB") for p in paths[i : i + 64]])
     out = scores.copy()
     out["identity"] = [identity_match(s) for s in seen]
+    for name, value in IDENTITY.items():  # which parts of the identity show, one by one
+        out[f"shows_{name}"] = [float(s[name] == value) for s in seen]
     out["asked_shown"] = [_shown(prompt, s) for prompt, s in zip(out.prompt, seen)]
     for name in ("hair_colour", "eye_colour", "background"):
         out[f"read_{name}"] = [s[name] for s in seen]
@@ -82,6 +84,7 @@ def truth_cells(read: pd.DataFrame, top: float, cfg: JudgeConfig) -> pd.DataFram
         like = g[g.prompt_kind == "likeness"]
         adapt = g[(g.prompt_kind == "adaptability") & g.asked_shown.notna()]
         row = {"epoch": epoch, "label": label, "strength": strength, "true_likeness": like.identity.mean()}
+        row.update({f"shows_{name}": like[f"shows_{name}"].mean() for name in IDENTITY if f"shows_{name}" in like})
         for prompt, pg in adapt.groupby("prompt", sort=False):
             row[f"true_adherence::{prompt}"] = pg.asked_shown.mean()
         row["true_adherence"] = adapt.asked_shown.mean() if len(adapt) else math.nan
