@@ -70,7 +70,7 @@ def test_stage_resumes_to_the_same_weights(tmp_path):
     whole = run(tmp_path / "a")
     with pytest.raises(KeyboardInterrupt):
         run(tmp_path / "b", stop_at=3)
-    assert json.loads(json.dumps(torch.load(tmp_path / "b" / "t.ckpt.pt", weights_only=True)["step"])) == 2
+    assert torch.load(tmp_path / "b" / "t.ckpt.pt", weights_only=True)["step"] == 2  # the last checkpoint
     resumed = run(tmp_path / "b")
     for k in whole:
         assert torch.equal(whole[k], resumed[k])

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import io
 import json
 import logging
 import math
@@ -142,8 +143,6 @@ def _train(stage: str, work: Path, model: torch.nn.Module, steps: int, lr: float
             bar.set_postfix(loss=f"{losses[-1][1]:.4f}")
             log.info("%s: step %d/%d loss %.4f", stage, step + 1, steps, losses[-1][1])
             recent = []
-            import io
-
             buf = io.BytesIO()
             torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "ema": ema, "step": step + 1,
                         "losses": losses}, buf)
@@ -353,7 +352,6 @@ def pretrain(plan: Plan, work: Path, weights: Path, command: str = "") -> dict:
 
     from lora_lab.builtin import write_clip_tokenizer
 
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     work.mkdir(parents=True, exist_ok=True)
     times: Dict[str, float] = {}
 
