@@ -3,16 +3,16 @@
 Stages, in order, each resumable from its last checkpoint (every ``--every`` steps):
 
 1. ``vae``: AutoencoderKL, 32 px drawings -> 8 x 8 x 4 latents (MSE + a small KL term).
-2. ``clip``: open_clip CLIP, contrastive on (drawing, caption), with one hard negative caption
-   per image that differs in one attribute. Its text tower becomes the diffusion model's
-   text encoder (``text_encoder.safetensors``, token embedding shared with the CLIP file).
-3. ``unet``: UNet2DConditionModel on the VAE's latents, conditioned on the CLIP text tower
+2. ``clip``: the text CLIP, open_clip ``lora-lab-toyworld-text-clip`` (ViT in 2 px patches),
+   contrastive on (drawing, caption) with hard negative captions that differ in one attribute
+   and a caption bank per attribute. Its text tower becomes the diffusion model's text encoder
+   (``text_encoder.safetensors``, token embedding shared with the CLIP file).
+3. ``scorer``: the CLIP scorer's model, ``lora-lab-toyworld-clip`` (``clip.safetensors``): a
+   convolutional image tower and stage 2's text tower (token embedding frozen), same loss.
+4. ``unet``: UNet2DConditionModel on the VAE's latents, conditioned on stage 2's text tower
    (frozen, as a transformers CLIPTextModel), epsilon prediction on SD 1.x's schedule, 10% empty
    captions (for classifier-free guidance), EMA weights kept.
-4. ``readout``: the attribute classifier, on clean drawings and on their VAE reconstructions.
-5. ``clip_tune``: the scorer's CLIP, stage 2's trained further (both towers, token embedding
-   frozen) with three hard negatives per image and a loss per attribute: stage 2 learns the
-   colours; eyes, marks and hair styles need this. ``clip.safetensors`` is this model.
+5. ``readout``: the attribute classifier, on clean drawings and on their VAE reconstructions.
 
 Every batch is drawn fresh from the world with a random generator seeded by
 (seed, stage, step), so a resumed run sees the same batches as an unbroken one. The finished
@@ -44,7 +44,7 @@ from lora_lab.toyworld import nets, world
 log = logging.getLogger("lora_lab.toyworld.pretrain")
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
-STAGES = ("vae", "clip", "unet", "readout", "clip_tune")
+STAGES = ("vae", "clip", "scorer", "unet", "readout")
 TEXT_TOKENS = 48  # captions of the world fit in 48 tokens; the causal mask makes a shorter run exact
 
 
@@ -54,17 +54,16 @@ class Plan:
     vae_steps: int = 2500
     vae_batch: int = 64
     vae_lr: float = 1e-3
-    clip_steps: int = 2000
-    clip_batch: int = 96
+    clip_steps: int = 3200
+    clip_batch: int = 64
     clip_lr: float = 1e-3
-    clip_tune_steps: int = 1500
-    clip_tune_batch: int = 64
-    clip_tune_lr: float = 5e-4
-    clip_negatives: int = 3
+    clip_negatives: int = 6
+    scorer_steps: int = 1000
+    scorer_lr: float = 1e-3
     readout_steps: int = 4000
     readout_batch: int = 64
     readout_lr: float = 2e-3
-    unet_steps: int = 10000
+    unet_steps: int = 8000
     unet_batch: int = 32
     unet_lr: float = 4e-4
     unet_uncond: float = 0.1
@@ -72,7 +71,7 @@ class Plan:
     every: int = 250
 
 
-SMOKE = Plan(vae_steps=3, vae_batch=4, clip_steps=3, clip_batch=4, clip_tune_steps=3, clip_tune_batch=4, readout_steps=3, readout_batch=4,
+SMOKE = Plan(vae_steps=3, vae_batch=4, clip_steps=3, clip_batch=4, clip_negatives=2, scorer_steps=3, readout_steps=3, readout_batch=4,
              unet_steps=4, unet_batch=4, every=2)
 
 
@@ -205,93 +204,104 @@ def clip_pixels(x: torch.Tensor) -> torch.Tensor:
     return ((x + 1) / 2 - mean) / std
 
 
-def train_clip(plan: Plan, work: Path):
-    clip = nets.make_clip()
+def _caption_group(a: world.Attributes, rng: random.Random, negatives: int) -> List[str]:
+    """A caption of ``a`` (full or partial) and ``negatives`` distinct captions that each change
+    one attribute it names; short captions that name too little are padded with other characters'."""
+    text, fields, style = world.random_caption(a, rng)
+    group = [text]
+    for _ in range(20 * negatives):
+        b = world.change_one(a, rng, fields, style)
+        neg = world.caption(b) if fields == world.FIELDS else world.partial_caption(b, fields, style)
+        if neg not in group:
+            group.append(neg)
+        if len(group) == 1 + negatives:
+            return group
+    while len(group) < 1 + negatives:
+        neg = world.caption(world.sample(rng))
+        if neg not in group:
+            group.append(neg)
+    return group
+
+
+# One caption per value of an attribute: an image must pick its own among them.
+ATTRIBUTE_BANK = {
+    "hair_colour": [f"photo of a person with {v} hair" for v in world._VALUES["hair_colour"]],
+    "hair_style": [f"photo of a person with {v} hair" for v in world._VALUES["hair_style"]],
+    "eye_colour": [f"photo of a person with {v} eyes" for v in world._VALUES["eye_colour"]],
+    "mark": ["photo of a person" if v == "none" else f"photo of a person, a {v} on the cheek"
+             for v in world._VALUES["mark"]],
+    "background": [f"photo of a person, on a {v} background" for v in world._VALUES["background"]],
+}
+
+
+def _contrastive(plan: Plan, stage: str, clip, pixels: Callable) -> Callable:
+    """The CLIP loss of ``stage``: each image against every caption in the batch, including
+    ``clip_negatives`` hard negatives per image that change one attribute, and each caption
+    against every image; plus each image against :data:`ATTRIBUTE_BANK` (its own eye colour,
+    mark, hair style ... among all values). In-batch pairs alone are told apart by colours;
+    the hard negatives and the bank make the small features count."""
     tok = nets.clip_tokenizer()
+    bank_texts = [t for texts in ATTRIBUTE_BANK.values() for t in texts]
 
     def loss_fn(step):
-        rng = _rng(plan, "clip", step)
+        rng = _rng(plan, stage, step)
         records = _records(rng, plan.clip_batch)
-        pos, neg = [], []
+        texts, own = [], []
         for a in records:
-            text, fields, style = world.random_caption(a, rng)
-            pos.append(text)
-            b = world.change_one(a, rng, fields, style)
-            neg.append(world.caption(b) if fields == world.FIELDS else world.partial_caption(b, fields, style))
-        img = F.normalize(clip.encode_image(clip_pixels(_pixels(records))), dim=-1)
-        txt = encode_text_short(clip, tok(pos + neg))
+            own.append(len(texts))
+            texts += _caption_group(a, rng, plan.clip_negatives)
+        img = F.normalize(clip.encode_image(pixels(records)), dim=-1)
+        txt = encode_text_short(clip, tok(texts + bank_texts))
         scale = clip.logit_scale.exp().clamp(max=100)
-        target = torch.arange(len(records))
-        per_image = F.cross_entropy(scale * img @ txt.T, target)
-        per_text = F.cross_entropy(scale * txt[: len(records)] @ img.T, target)
-        return (per_image + per_text) / 2
+        own = torch.tensor(own)
+        n = len(records)
+        per_image = F.cross_entropy(scale * img @ txt[: len(texts)].T, own)
+        per_text = F.cross_entropy(scale * txt[own] @ img.T, torch.arange(n))
+        attribute, at = 0.0, len(texts)
+        for name, values in ATTRIBUTE_BANK.items():
+            logits = scale * img @ txt[at : at + len(values)].T
+            want = torch.tensor([world._VALUES[name].index(getattr(a, name)) for a in records])
+            attribute = attribute + F.cross_entropy(logits, want)
+            at += len(values)
+        return (per_image + per_text) / 2 + attribute / len(ATTRIBUTE_BANK)
 
+    return loss_fn
+
+
+def train_clip(plan: Plan, work: Path):
+    """Stage 2: the text CLIP (ViT in 2 px patches), whose text tower conditions the UNet."""
+    clip = nets.make_clip(nets.TEXT_CLIP_NAME)
+    loss_fn = _contrastive(plan, "clip", clip, lambda records: clip_pixels(_pixels(records)))
     state = _train("clip", work, clip, plan.clip_steps, plan.clip_lr, loss_fn, plan.every)
     clip.load_state_dict(state)
     return clip
 
 
-def tune_clip(plan: Plan, work: Path, clip):
-    """The scorer's CLIP: stage 2's model trained further, both towers, with ``clip_negatives``
-    hard negatives per image and a loss per attribute (each image against the captions
-    ``photo of a person with <value> eyes`` ... for every value). Colours are learned first;
-    eyes, marks and hair styles need this. The token embedding stays frozen: it is shared with
-    the diffusion model's text encoder, which keeps stage 2's text tower."""
-    tok = nets.clip_tokenizer()
+def scorer_pixels(records, size: int) -> torch.Tensor:
+    """32 px drawings upscaled the way the CLIP scorer's own preprocessing does (PIL bicubic)."""
+    from PIL import Image
+
+    images = [world.draw(a, nets.RESOLUTION).resize((size, size), Image.BICUBIC) for a in records]
+    return clip_pixels(nets.to_tensor(images))
+
+
+def train_scorer(plan: Plan, work: Path, text_clip):
+    """Stage 3: the scorer's CLIP, ``lora-lab-toyworld-clip``: a convolutional image tower (it
+    sees shapes, a ViT trained this briefly sees colours only) and the text CLIP's text tower,
+    trained further with the same loss. The token embedding stays frozen: it is shared with
+    the diffusion model's text encoder."""
+    clip = nets.make_clip(nets.CLIP_NAME)
+    text = {k: v for k, v in text_clip.state_dict().items() if not k.startswith("visual.")}
+    result = clip.load_state_dict(text, strict=False)
+    if result.unexpected_keys or any(not k.startswith("visual.") for k in result.missing_keys):
+        raise RuntimeError(f"scorer: the text towers differ ({result})")
     clip.token_embedding.weight.requires_grad_(False)
-    bank = {
-        "hair_colour": [f"photo of a person with {v} hair" for v in world._VALUES["hair_colour"]],
-        "hair_style": [f"photo of a person with {v} hair" for v in world._VALUES["hair_style"]],
-        "eye_colour": [f"photo of a person with {v} eyes" for v in world._VALUES["eye_colour"]],
-        "mark": ["photo of a person" if v == "none" else f"photo of a person, a {v} on the cheek"
-                 for v in world._VALUES["mark"]],
-        "background": [f"photo of a person, on a {v} background" for v in world._VALUES["background"]],
-    }
-    bank_texts = [t for texts in bank.values() for t in texts]
-
-    def loss_fn(step):
-        rng = _rng(plan, "clip_tune", step)
-        records = _records(rng, plan.clip_tune_batch)
-        texts = []
-        for a in records:
-            text, fields, style = world.random_caption(a, rng)
-            group = [text]
-            for _ in range(20):  # a short caption may have fewer one-attribute changes than asked
-                b = world.change_one(a, rng, fields, style)
-                neg = world.caption(b) if fields == world.FIELDS else world.partial_caption(b, fields, style)
-                if neg not in group:
-                    group.append(neg)
-                if len(group) == 1 + plan.clip_negatives:
-                    break
-            while len(group) < 1 + plan.clip_negatives:  # then other characters' captions
-                neg = world.caption(world.sample(rng))
-                if neg not in group:
-                    group.append(neg)
-            texts += group
-        img = F.normalize(clip.encode_image(clip_pixels(_pixels(records))), dim=-1)
-        txt = encode_text_short(clip, tok(texts + bank_texts))
-        scale = clip.logit_scale.exp().clamp(max=100)
-        k = 1 + plan.clip_negatives
-        n = len(records)
-        pairs = scale * img @ txt[: n * k].T
-        contrastive = (F.cross_entropy(pairs, torch.arange(n) * k)
-                       + F.cross_entropy(pairs[:, ::k].T, torch.arange(n))) / 2
-        attribute, at = 0.0, n * k
-        for name, values in bank.items():
-            logits = scale * img @ txt[at : at + len(values)].T
-            want = torch.tensor([values.index(_bank_caption(bank, name, a)) for a in records])
-            attribute = attribute + F.cross_entropy(logits, want)
-            at += len(values)
-        return contrastive + attribute / len(bank)
-
-    state = _train("clip_tune", work, clip, plan.clip_tune_steps, plan.clip_tune_lr, loss_fn, plan.every)
+    size = nets.clip_config(nets.CLIP_NAME)["vision_cfg"]["image_size"]
+    loss_fn = _contrastive(plan, "scorer", clip, lambda records: scorer_pixels(records, size))
+    state = _train("scorer", work, clip, plan.scorer_steps, plan.scorer_lr, loss_fn, plan.every)
     clip.load_state_dict(state)
     clip.token_embedding.weight.requires_grad_(True)
     return clip
-
-
-def _bank_caption(bank, name: str, a: world.Attributes) -> str:
-    return bank[name][world._VALUES[name].index(getattr(a, name))]
 
 
 def train_readout(plan: Plan, work: Path, vae):
@@ -363,16 +373,16 @@ def pretrain(plan: Plan, work: Path, weights: Path, command: str = "") -> dict:
         return out
 
     vae, scaling = timed("vae", lambda: train_vae(plan, work))
-    clip = timed("clip", lambda: train_clip(plan, work))
-    text_encoder = nets.text_encoder_from_clip(clip.state_dict())
+    text_clip = timed("clip", lambda: train_clip(plan, work))
+    diffusion_text = nets.text_encoder_state(text_clip.state_dict())
+    clip = timed("scorer", lambda: train_scorer(plan, work, text_clip))
+    if not torch.equal(clip.state_dict()["token_embedding.weight"], diffusion_text["embeddings.token_embedding.weight"]):
+        raise RuntimeError("scorer: the shared token embedding moved")
+    text_encoder = nets.text_encoder_from_clip(text_clip.state_dict())
     write_clip_tokenizer(work / "tokenizer")
     tokenizer = CLIPTokenizer.from_pretrained(work / "tokenizer")
     unet = timed("unet", lambda: train_unet(plan, work, vae, scaling, text_encoder, tokenizer))
     readout = timed("readout", lambda: train_readout(plan, work, vae))
-    diffusion_text = nets.text_encoder_state(clip.state_dict())
-    clip = timed("clip_tune", lambda: tune_clip(plan, work, clip))
-    if not torch.equal(clip.state_dict()["token_embedding.weight"], diffusion_text["embeddings.token_embedding.weight"]):
-        raise RuntimeError("clip_tune: the shared token embedding moved")
 
     weights.mkdir(parents=True, exist_ok=True)
     del diffusion_text["embeddings.token_embedding.weight"]  # stored once, in clip.safetensors

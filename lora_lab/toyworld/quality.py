@@ -44,7 +44,10 @@ def readout_accuracy(readout, n: int = 2000) -> Dict[str, float]:
     return {name: hits[name] / n for name in nets.HEADS}
 
 
-def clip_top1(n: int = 500, seed: int = 7) -> float:
+def clip_ranking(n: int = 500, seed: int = 7) -> Dict[str, float]:
+    """``top1``: the share of held-out drawings whose own caption the CLIP scorer ranks first
+    among :func:`ranking_captions`; and, per attribute, the share of one-attribute changes
+    that score below the true caption (which small features the CLIP tells apart)."""
     from lora_lab.config import ClipScorerConfig
     from lora_lab.scores import ClipEmbedder
 
@@ -53,22 +56,29 @@ def clip_top1(n: int = 500, seed: int = 7) -> float:
     records = heldout(n, seed=seed)
     images = clip.images([world.draw(a, nets.RESOLUTION) for a in records])
     right = 0
+    wins: Dict[str, List[bool]] = {name: [] for name in world._VALUES}
     for a, emb in zip(records, images):
-        captions = ranking_captions(a, rng)
+        captions, changed = ranking_captions(a, rng, with_changes=True)
         scores = clip.texts(captions) @ emb
         right += int(scores.argmax()) == 0
-    return right / n
+        for name, score in zip(changed, scores[1:]):
+            wins[name].append(bool(scores[0] > score))
+    out = {"top1": right / n}
+    out.update({name: sum(w) / len(w) for name, w in wins.items() if w})
+    return out
 
 
-def ranking_captions(a: world.Attributes, rng: random.Random, k: int = 10) -> List[str]:
-    """The true caption first, then ``k - 1`` distinct captions that each change one attribute."""
-    true = world.caption(a)
-    out = [true]
+def ranking_captions(a: world.Attributes, rng: random.Random, k: int = 10, with_changes: bool = False):
+    """The true caption first, then ``k - 1`` distinct captions that each change one attribute
+    (with ``with_changes``, also the name of the attribute each one changed)."""
+    out, changed = [world.caption(a)], []
     while len(out) < k:
-        text = world.caption(world.change_one(a, rng))
+        b = world.change_one(a, rng)
+        text = world.caption(b)
         if text not in out:
             out.append(text)
-    return out
+            changed.append(next(name for name in world._VALUES if getattr(b, name) != getattr(a, name)))
+    return (out, changed) if with_changes else out
 
 
 def prompt_following(cache_dir: Path, n: int = 96, seed: int = 3) -> Dict[str, float]:
@@ -98,7 +108,9 @@ def prompt_following(cache_dir: Path, n: int = 96, seed: int = 3) -> Dict[str, f
 
 def measure(cache_dir: Path) -> dict:
     readout = readout_accuracy(assets.load_readout())
-    return {"readout": readout, "prompt_following": prompt_following(cache_dir), "clip_top1": clip_top1()}
+    ranking = clip_ranking()
+    return {"readout": readout, "prompt_following": prompt_following(cache_dir), "clip_top1": ranking.pop("top1"),
+            "clip_by_attribute": ranking}
 
 
 def report(figures: dict) -> str:
@@ -117,6 +129,8 @@ def report(figures: dict) -> str:
     top1 = figures["clip_top1"]
     lines.append(f"3. CLIP ranks the right caption first among 10 (bar {BARS['clip_top1']:.0%}): "
                  f"{top1:.2%}  {mark(top1 >= BARS['clip_top1'])}")
+    lines.append("   true caption above a one-attribute change, by attribute: " + ", ".join(
+        f"{name} {share:.0%}" for name, share in figures.get("clip_by_attribute", {}).items()))
     return "\n".join(lines)
 
 

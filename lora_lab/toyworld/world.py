@@ -9,6 +9,7 @@ distribution that :func:`sample` draws from.
 
 from __future__ import annotations
 
+import math
 import random
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -151,21 +152,21 @@ def draw(a: Attributes, size: int = 64) -> Image.Image:
         if a.hair_style == "bun":
             d.ellipse(box(26, 1, 38, 12), fill=hair)
     eye = EYE_COLOURS[a.eye_colour]
-    for x in (24, 35):
-        d.ellipse(box(x, 26, x + 6, 32), fill=(255, 255, 255))
-        d.ellipse(box(x + 1.5, 27, x + 4.5, 31), fill=eye)
+    for x in (23, 34):  # eyes and marks are drawn large enough to survive 32 px and the VAE
+        d.ellipse(box(x, 25, x + 7, 33), fill=(255, 255, 255))
+        d.ellipse(box(x + 1.5, 26, x + 5.5, 32), fill=eye)
     d.line(box(28, 41, 36, 41), fill=(120, 40, 40), width=int(1.5 * k))
     if a.mark == "star":
-        cx, cy = 40 + a.dx, 37 + a.dy
-        pts = [(cx, cy - 3), (cx + 1, cy - 1), (cx + 3, cy - 1), (cx + 1.5, cy + 0.5), (cx + 2, cy + 3),
-               (cx, cy + 1.5), (cx - 2, cy + 3), (cx - 1.5, cy + 0.5), (cx - 3, cy - 1), (cx - 1, cy - 1)]
+        cx, cy, r = 40 + a.dx, 38 + a.dy, 4.5
+        pts = [(cx + (r if i % 2 == 0 else r * 0.45) * math.sin(i * math.pi / 5),
+                cy - (r if i % 2 == 0 else r * 0.45) * math.cos(i * math.pi / 5)) for i in range(10)]
         d.polygon([(x * k, y * k) for x, y in pts], fill=(230, 200, 0))
     elif a.mark == "mole":
-        d.ellipse(box(39, 36, 41, 38), fill=(60, 30, 20))
+        d.ellipse(box(38.5, 36.5, 41.5, 39.5), fill=(60, 30, 20))
     if a.glasses:
-        for x in (23, 34):
-            d.rectangle(box(x, 25, x + 8, 33), outline=(20, 20, 20), width=int(1.2 * k))
-        d.line(box(31, 28, 34, 28), fill=(20, 20, 20), width=int(1.2 * k))
+        for x in (22, 33):
+            d.rectangle(box(x, 24, x + 9, 34), outline=(20, 20, 20), width=int(1.2 * k))
+        d.line(box(31, 28, 33, 28), fill=(20, 20, 20), width=int(1.2 * k))
     if a.hat:
         d.rectangle(box(14, 8, 50, 12), fill=(60, 40, 20))
         d.rectangle(box(20, 0, 44, 9), fill=(60, 40, 20))
@@ -184,7 +185,7 @@ SIZE = 32  # the toy world's models work at 32 px
 def subject_folder(cache_dir) -> Path:
     """A kohya parent folder ``10_sks person/`` with the subject in 16 drawings of :data:`SIZE`
     px, captioned kohya-style (``photo of sks person, wearing glasses, on a cyan background``);
-    written once under ``cache_dir/toyworld-v3``."""
+    written once under ``cache_dir/toyworld-v4``."""
     from lora_lab.files import publish_dir
 
     def build(tmp: Path) -> None:
@@ -194,7 +195,7 @@ def subject_folder(cache_dir) -> Path:
             draw(a, SIZE).save(folder / f"{i:02d}.png")
             (folder / f"{i:02d}.txt").write_text(caption(a, SUBJECT_TOKEN) + "\n", encoding="utf-8")
 
-    return publish_dir(Path(cache_dir) / "toyworld-v3", build, SUBJECT_FOLDER)
+    return publish_dir(Path(cache_dir) / "toyworld-v4", build, SUBJECT_FOLDER)
 
 
 # Caption parts that a prompt may name or leave out (pretraining shows the model both).
