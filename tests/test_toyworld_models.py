@@ -16,7 +16,7 @@ from lora_lab.toyworld import assets, nets, pretrain, quality, truth, world
 
 def test_text_encoder_conversion_gives_the_same_hidden_states():
     torch.manual_seed(0)
-    clip = nets.make_clip(nets.TEXT_CLIP_NAME).eval()
+    clip = nets.make_clip(nets.CLIP_NAME).eval()
     for p in clip.parameters():  # random but not tiny: a wrong key or a swapped q/k/v would show
         p.data.normal_(0, 0.2)
     te = nets.text_encoder_from_clip(clip.state_dict())
@@ -32,12 +32,15 @@ def test_text_encoder_conversion_gives_the_same_hidden_states():
     assert torch.allclose(short, full, atol=1e-5)
 
 
-def test_scorer_and_text_clip_share_the_text_tower_shape():
-    # The scorer starts from the text CLIP's text tower and shares its token embedding with
-    # the diffusion model's text encoder: the two configs may differ only in the image tower.
-    scorer, text = nets.clip_config(nets.CLIP_NAME), nets.clip_config(nets.TEXT_CLIP_NAME)
-    assert scorer["text_cfg"] == text["text_cfg"] and scorer["embed_dim"] == text["embed_dim"]
-    assert isinstance(scorer["vision_cfg"]["layers"], list)  # convolutional (ModifiedResNet)
+def test_shipped_text_encoder_is_the_clip_text_tower():
+    # One CLIP: the scorer's model, and its text tower conditions the UNet (as SD 1.x's text
+    # encoder is OpenAI CLIP's), so the words the CLIP tells apart are the words the UNet hears.
+    assert isinstance(nets.clip_config()["vision_cfg"]["layers"], list)  # convolutional (ModifiedResNet)
+    want = nets.text_encoder_state(assets.load_state("clip"))
+    del want["embeddings.token_embedding.weight"]  # stored once, in clip.safetensors
+    got = assets.load_state("text_encoder")
+    assert set(got) == set(want)
+    assert all(torch.equal(got[k], want[k]) for k in want)
 
 
 def test_hard_negatives_change_one_named_attribute():
@@ -210,7 +213,9 @@ def test_shipped_readout_reads_held_out_drawings():
 
 
 @pytest.mark.parametrize("name, template", [("hair_colour", "photo of a person with {} hair"),
+                                            ("hair_style", "photo of a person with {} hair"),
                                             ("eye_colour", "photo of a person with {} eyes"),
+                                            ("mark", "photo of a person, a {} on the cheek"),
                                             ("background", "photo of a person, on a {} background")])
 def test_shipped_clip_scores_the_caption_that_fits_highest(name, template):
     from lora_lab.scores import ClipEmbedder
@@ -221,9 +226,10 @@ def test_shipped_clip_scores_the_caption_that_fits_highest(name, template):
     records = [world.sample(rng) for _ in range(40)]
     images = clip.images([world.draw(a, nets.RESOLUTION) for a in records])
     values = list(world._VALUES[name])
-    texts = clip.texts([template.format(v) for v in values])
+    texts = clip.texts(["photo of a person" if v == "none" else template.format(v) for v in values])
     picked = [values[int(i)] for i in (images @ texts.T).argmax(dim=1)]
-    assert sum(p == getattr(a, name) for p, a in zip(picked, records)) >= 38  # 40 of 40 measured
+    # 40 of 40 measured on three seeds for each, but hair style 38, 39, 40: a hat hides a bun
+    assert sum(p == getattr(a, name) for p, a in zip(picked, records)) >= (36 if name == "hair_style" else 38)
 
 
 def test_toyworld_model_draws_what_the_prompt_asks(cache_dir):
@@ -243,6 +249,24 @@ def test_toyworld_model_draws_what_the_prompt_asks(cache_dir):
     seen = assets.read(readout, images)
     hits = {name: sum(s[name] == a[j] for s, a in zip(seen, asked))
             for j, name in enumerate(["hair_colour", "eye_colour", "background"])}
-    # 16 generations: hair colour 14 and background 16 measured; eye colour 10 (chance is 4)
+    # 16 generations: hair colour 13 and background 16 measured; eye colour 11 (chance is 4)
     assert hits["hair_colour"] + hits["background"] >= 28, hits
     assert hits["eye_colour"] >= 7, hits
+
+
+def test_toyworld_model_draws_the_hair_style_and_mark_asked_for(cache_dir):
+    from lora_lab.models import load_base
+    from lora_lab.render import make_scheduler
+
+    base = load_base(ModelConfig(name="toyworld", builtin="toyworld", resolution=32), cache_dir, torch.device("cpu"))
+    base.pipe.scheduler = make_scheduler("Euler a", dict(base.pipe.scheduler.config))
+    readout = assets.load_readout()
+    asked = [(s, m) for s in world.HAIR_STYLES for m in ("star", "mole")] * 2
+    prompts = [f"photo of a person with brown {s} hair and blue eyes, a {m} on the cheek, on a white background"
+               for s, m in asked]
+    images = base.pipe(prompts, num_inference_steps=20, guidance_scale=7.0, height=32, width=32,
+                       generator=[torch.Generator().manual_seed(i) for i in range(len(prompts))]).images
+    seen = assets.read(readout, images)
+    style = sum(s["hair_style"] == a[0] for s, a in zip(seen, asked))
+    mark = sum(s["mark"] == a[1] for s, a in zip(seen, asked))
+    assert style >= 14 and mark >= 14, (style, mark)  # of 16 (16 and 16 measured on three seed sets; chance 4 and 5)

@@ -4,10 +4,9 @@
   ``lora_lab/clip_configs``; a ModifiedResNet image tower, as OpenAI's RN50 CLIP, on the
   drawings upscaled to 64 px, and a text transformer), so the CLIP scorer loads it with its
   ordinary code from a local checkpoint.
-- The text encoder of the diffusion model is the text tower of a first CLIP,
-  ``lora-lab-toyworld-text-clip`` (ViT image tower in 2 px patches, same text tower), converted
-  to a transformers ``CLIPTextModel`` (:func:`text_encoder_from_clip`), as SD uses OpenAI's.
-  The scorer's text tower starts from it.
+- The text encoder of the diffusion model is that CLIP's text tower, converted to a
+  transformers ``CLIPTextModel`` (:func:`text_encoder_from_clip`), as SD 1.x conditions on the
+  text tower of OpenAI's CLIP.
 - ``AutoencoderKL`` 32 px -> 8 x 8 x 4 latents, ``UNet2DConditionModel`` on those latents.
 - :class:`ReadOut`: a small CNN with one head per attribute of the world.
 """
@@ -24,8 +23,7 @@ from torch import nn
 from lora_lab.toyworld import world
 
 RESOLUTION = world.SIZE
-CLIP_NAME = "lora-lab-toyworld-clip"  # the scorer
-TEXT_CLIP_NAME = "lora-lab-toyworld-text-clip"  # its text tower conditions the UNet
+CLIP_NAME = "lora-lab-toyworld-clip"  # the scorer; its text tower conditions the UNet
 CLIP_CONFIG = Path(__file__).resolve().parent.parent / "clip_configs" / f"{CLIP_NAME}.json"
 
 
@@ -50,11 +48,11 @@ def clip_tokenizer():
 def text_encoder_config():
     from transformers import CLIPTextConfig
 
-    text = clip_config(TEXT_CLIP_NAME)["text_cfg"]
+    text = clip_config(CLIP_NAME)["text_cfg"]
     return CLIPTextConfig(
         hidden_size=text["width"], intermediate_size=4 * text["width"], num_attention_heads=text["heads"],
         num_hidden_layers=text["layers"], max_position_embeddings=text["context_length"],
-        vocab_size=text["vocab_size"], projection_dim=clip_config(TEXT_CLIP_NAME)["embed_dim"], hidden_act="gelu",
+        vocab_size=text["vocab_size"], projection_dim=clip_config(CLIP_NAME)["embed_dim"], hidden_act="gelu",
         layer_norm_eps=1e-5, bos_token_id=49406, eos_token_id=49407, pad_token_id=1,
     )
 
@@ -124,7 +122,7 @@ def make_unet():
         sample_size=RESOLUTION // 4, in_channels=4, out_channels=4, block_out_channels=(64, 128),
         layers_per_block=2, down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=clip_config(TEXT_CLIP_NAME)["text_cfg"]["width"], attention_head_dim=8, norm_num_groups=16,
+        cross_attention_dim=clip_config(CLIP_NAME)["text_cfg"]["width"], attention_head_dim=8, norm_num_groups=16,
     )
 
 
