@@ -100,7 +100,7 @@ def best_text(table: pd.DataFrame) -> str:
     row = best(table)
     if row is None:
         return "no completed trial with a usable cell yet"
-    return (f"best: trial {row.trial}, epoch {row.best_epoch} at strength {row.best_strength:g}\n"
+    return (f"best: trial {row.trial}, epoch {int(row.best_epoch)} at strength {row.best_strength:g}\n"
             f"  file: {row.lora_file}\n  A1111: {row.snippet}")
 
 

@@ -186,3 +186,12 @@ def test_every_sweep_file_runs_a_trial_on_the_tiny_model(name, tmp_path, cache_d
         assert "needs a CUDA GPU" in row.reason
     else:
         assert row.state == "complete" and (tmp_path / name / f"trial_{row.trial}" / "verdict.json").exists()
+
+
+def test_best_line_names_a_whole_epoch_beside_a_pruned_trial():
+    # A pruned trial has no best cell, so pandas stores the epoch column as floats.
+    table = pd.DataFrame({"trial": [1, 2], "state": ["complete", "pruned"], "objective": [1.3, None],
+                          "verdict": ["good", None], "best_epoch": [4.0, float("nan")], "best_strength": [1.0, None],
+                          "likeness": [0.5, None], "adherence": [50.0, None], "snippet": ["<lora:s_trial_1:1>", None],
+                          "lora_file": ["s_trial_1.safetensors", None], "reason": ["", "pruned"], "duration_s": [60, 5]})
+    assert leaderboard.best_text(table).splitlines()[0] == "best: trial 1, epoch 4 at strength 1"
