@@ -16,7 +16,7 @@ from lora_lab.toyworld import assets, nets, pretrain, quality, truth, world
 
 def test_text_encoder_conversion_gives_the_same_hidden_states():
     torch.manual_seed(0)
-    clip = nets.make_clip(nets.CLIP_NAME).eval()
+    clip = nets.make_clip().eval()
     for p in clip.parameters():  # random but not tiny: a wrong key or a swapped q/k/v would show
         p.data.normal_(0, 0.2)
     te = nets.text_encoder_from_clip(clip.state_dict())

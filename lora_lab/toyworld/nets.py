@@ -27,15 +27,15 @@ CLIP_NAME = "lora-lab-toyworld-clip"  # the scorer; its text tower conditions th
 CLIP_CONFIG = Path(__file__).resolve().parent.parent / "clip_configs" / f"{CLIP_NAME}.json"
 
 
-def clip_config(name: str = CLIP_NAME) -> dict:
-    return json.loads((CLIP_CONFIG.parent / f"{name}.json").read_text(encoding="utf-8"))
+def clip_config() -> dict:
+    return json.loads(CLIP_CONFIG.read_text(encoding="utf-8"))
 
 
-def make_clip(name: str = CLIP_NAME):
+def make_clip():
     import open_clip
 
     open_clip.add_model_config(CLIP_CONFIG.parent)
-    return open_clip.create_model(name)
+    return open_clip.create_model(CLIP_NAME)
 
 
 def clip_tokenizer():
@@ -48,11 +48,11 @@ def clip_tokenizer():
 def text_encoder_config():
     from transformers import CLIPTextConfig
 
-    text = clip_config(CLIP_NAME)["text_cfg"]
+    text = clip_config()["text_cfg"]
     return CLIPTextConfig(
         hidden_size=text["width"], intermediate_size=4 * text["width"], num_attention_heads=text["heads"],
         num_hidden_layers=text["layers"], max_position_embeddings=text["context_length"],
-        vocab_size=text["vocab_size"], projection_dim=clip_config(CLIP_NAME)["embed_dim"], hidden_act="gelu",
+        vocab_size=text["vocab_size"], projection_dim=clip_config()["embed_dim"], hidden_act="gelu",
         layer_norm_eps=1e-5, bos_token_id=49406, eos_token_id=49407, pad_token_id=1,
     )
 
@@ -122,7 +122,7 @@ def make_unet():
         sample_size=RESOLUTION // 4, in_channels=4, out_channels=4, block_out_channels=(64, 128),
         layers_per_block=2, down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=clip_config(CLIP_NAME)["text_cfg"]["width"], attention_head_dim=8, norm_num_groups=16,
+        cross_attention_dim=clip_config()["text_cfg"]["width"], attention_head_dim=8, norm_num_groups=16,
     )
 
 

@@ -255,12 +255,12 @@ class ClipWithProbes(torch.nn.Module):
         self.clip, self.probes = clip, probes
 
 
-def _contrastive(plan: Plan, stage: str, clip, pixels: Callable, probes: Probes = None) -> Callable:
+def _contrastive(plan: Plan, stage: str, clip, pixels: Callable, probes: Probes) -> Callable:
     """The CLIP loss of ``stage``: each image against every caption in the batch, including
     ``clip_negatives`` hard negatives per image that change one attribute, and each caption
     against every image; plus each image against :data:`ATTRIBUTE_BANK` (its own eye colour,
     mark, hair style ... among all values). In-batch pairs alone are told apart by colours;
-    the hard negatives and the bank make the small features count. With ``probes``, plus their
+    the hard negatives and the bank make the small features count. Plus the ``probes``'
     attribute loss on the image embedding: the bank alone cannot start a feature that neither
     tower has yet (the bank's captions for a star and a mole embed alike until the images do
     differ, so the gradient that would tell them apart is near zero; measured: a cheek mark
@@ -290,7 +290,7 @@ def _contrastive(plan: Plan, stage: str, clip, pixels: Callable, probes: Probes 
             attribute = attribute + F.cross_entropy(logits, want)
             at += len(values)
         loss = (per_image + per_text) / 2 + attribute / len(ATTRIBUTE_BANK)
-        return loss if probes is None else loss + probes.loss(embedding, records)
+        return loss + probes.loss(embedding, records)
 
     return loss_fn
 
@@ -308,8 +308,8 @@ def train_clip(plan: Plan, work: Path):
     image tower is convolutional: a ViT trained this briefly on these drawings learns their
     colours only, and a text tower trained against it then maps "spiky" and "short" to the
     same states, so the UNet could never be asked for a hair style or a mark."""
-    clip = nets.make_clip(nets.CLIP_NAME)
-    config = nets.clip_config(nets.CLIP_NAME)
+    clip = nets.make_clip()
+    config = nets.clip_config()
     both = ClipWithProbes(clip, Probes(config["embed_dim"]))
     size = config["vision_cfg"]["image_size"]
     loss_fn = _contrastive(plan, "clip", clip, lambda records: scorer_pixels(records, size), both.probes)
@@ -389,14 +389,14 @@ def pretrain(plan: Plan, work: Path, weights: Path, command: str = "") -> dict:
     vae, scaling = timed("vae", lambda: train_vae(plan, work))
     clip = timed("clip", lambda: train_clip(plan, work))
     diffusion_text = nets.text_encoder_state(clip.state_dict())
-    text_encoder = nets.text_encoder_from_clip(clip.state_dict())
+    token_embedding = diffusion_text.pop("embeddings.token_embedding.weight")  # stored once, in clip.safetensors
+    text_encoder = nets.text_encoder_from_state(diffusion_text, token_embedding)
     write_clip_tokenizer(work / "tokenizer")
     tokenizer = CLIPTokenizer.from_pretrained(work / "tokenizer")
     unet = timed("unet", lambda: train_unet(plan, work, vae, scaling, text_encoder, tokenizer))
     readout = timed("readout", lambda: train_readout(plan, work, vae))
 
     weights.mkdir(parents=True, exist_ok=True)
-    del diffusion_text["embeddings.token_embedding.weight"]  # stored once, in clip.safetensors
     files = {"clip": clip.state_dict(), "text_encoder": diffusion_text, "vae": vae.state_dict(),
              "readout": readout.state_dict(), "unet": unet.state_dict()}
     for name, state in files.items():

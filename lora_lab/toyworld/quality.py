@@ -82,18 +82,25 @@ def ranking_captions(a: world.Attributes, rng: random.Random, k: int = 10, with_
     return (out, changed) if with_changes else out
 
 
-def prompt_following(cache_dir: Path, n: int = 96, seed: int = 3, shapes: bool = False) -> Dict[str, float]:
-    """The read-out's agreement with prompts naming hair colour, eye colour and background;
-    with ``shapes``, prompts that also name the hair style and a cheek mark (not a bar of the
-    issue, but what a LoRA of the subject needs: spiky hair and a star)."""
+def base_pipe(cache_dir: Path):
+    """The toy world's base pipeline, loaded by lora_lab's own code, with A1111's ``Euler a``."""
     from lora_lab.config import ModelConfig
     from lora_lab.models import load_base
-    from lora_lab.render import RenderSettings, _generate, make_scheduler
-    from lora_lab.suite import Prompt
+    from lora_lab.render import make_scheduler
 
     base = load_base(ModelConfig(name="toyworld", builtin="toyworld", resolution=nets.RESOLUTION), cache_dir,
                      torch.device("cpu"))
     base.pipe.scheduler = make_scheduler("Euler a", dict(base.pipe.scheduler.config))
+    return base.pipe
+
+
+def prompt_following(pipe, n: int = 96, seed: int = 3, shapes: bool = False) -> Dict[str, float]:
+    """The read-out's agreement with prompts naming hair colour, eye colour and background;
+    with ``shapes``, prompts that also name the hair style and a cheek mark (not a bar of the
+    issue, but what a LoRA of the subject needs: spiky hair and a star)."""
+    from lora_lab.render import RenderSettings, _generate
+    from lora_lab.suite import Prompt
+
     rng = random.Random(f"prompts/{seed}" + ("/shapes" if shapes else ""))
     names = PROMPTED + (SHAPES if shapes else ())
     asked = [(rng.choice(list(world.HAIR_COLOURS)), rng.choice(list(world.EYE_COLOURS)),
@@ -107,7 +114,7 @@ def prompt_following(cache_dir: Path, n: int = 96, seed: int = 3, shapes: bool =
     prompts = [Prompt("adaptability", text, None, i) for i, text in enumerate(texts)]
     settings = RenderSettings(sampler="Euler a", steps=20, cfg_scale=7.0, size=nets.RESOLUTION, seeds=[seed],
                               negative_prompt="", model_name="toyworld", batch_size=32)
-    images = _generate(base.pipe, prompts, settings)
+    images = _generate(pipe, prompts, settings)
     seen = assets.read(assets.load_readout(), [images[(p.index, seed)] for p in prompts])
     per = {name: sum(s[name] == want[j] for s, want in zip(seen, asked)) / n for j, name in enumerate(names)}
     per["all_three"] = sum(all(s[name] == want[j] for j, name in enumerate(PROMPTED))
@@ -119,8 +126,9 @@ def prompt_following(cache_dir: Path, n: int = 96, seed: int = 3, shapes: bool =
 def measure(cache_dir: Path) -> dict:
     readout = readout_accuracy(assets.load_readout())
     ranking = clip_ranking()
-    return {"readout": readout, "prompt_following": prompt_following(cache_dir),
-            "shape_following": prompt_following(cache_dir, n=48, shapes=True), "clip_top1": ranking.pop("top1"),
+    pipe = base_pipe(cache_dir)
+    return {"readout": readout, "prompt_following": prompt_following(pipe),
+            "shape_following": prompt_following(pipe, n=48, shapes=True), "clip_top1": ranking.pop("top1"),
             "clip_by_attribute": ranking}
 
 
