@@ -41,6 +41,24 @@ def test_eye_colour_is_drawn(colour):
     assert np.abs(iris - np.array(EYE_COLOURS[colour])).max() <= 20
 
 
+@pytest.mark.parametrize("colour", sorted(EYE_COLOURS))
+def test_irises_cover_enough_pixels_at_32_px(colour):
+    # 8 or more pixels of the eye colour at the models' 32 px (the smaller irises of the first
+    # drawings gave 5 or 6, too few for the 8 x 8 latents to carry the colour reliably).
+    im = np.asarray(draw(_plain(eye_colour=colour, skin="pale"), size=32)).astype(int)
+    assert (np.abs(im - np.array(EYE_COLOURS[colour])).max(axis=-1) <= 30).sum() >= 8
+
+
+def test_a_hat_does_not_hide_a_bun():
+    # The bun is drawn through the hat, so the hair style stays visible: at the bun's centre a
+    # bun shows hair, short hair shows the hat.
+    hat = np.array((60, 40, 20))
+    bun = np.asarray(draw(_plain(hair_colour="white", hair_style="bun", hat=True))).astype(int)[6, 32]
+    short = np.asarray(draw(_plain(hair_colour="white", hair_style="short", hat=True))).astype(int)[6, 32]
+    assert np.abs(bun - np.array(HAIR_COLOURS["white"])).max() <= 12
+    assert np.abs(short - hat).max() <= 12
+
+
 def test_pretraining_never_shows_the_subject_and_covers_the_world():
     rng = random.Random(0)
     drawn = [sample(rng) for _ in range(3000)]

@@ -9,6 +9,7 @@ import random
 import pandas as pd
 import pytest
 import torch
+from PIL import Image
 
 from lora_lab.config import ClipScorerConfig, JudgeConfig, ModelConfig
 from lora_lab.toyworld import assets, nets, pretrain, quality, truth, world
@@ -61,6 +62,26 @@ def test_partial_captions():
     assert world.partial_caption(a, ["hair"], style=False) == "photo of a person with red hair"
     assert world.partial_caption(a, ["eyes", "background"]) == \
         "photo of a person with green eyes, on a navy background with dots"
+
+
+def test_clip_trains_on_vae_round_trips_for_half_the_batch():
+    torch.manual_seed(0)
+    vae = nets.make_vae().eval()
+    records = [world.sample(random.Random(i)) for i in range(4)]
+    clean = pretrain.scorer_pixels(records, 64)
+    mixed = pretrain.scorer_pixels(records, 64, vae)
+    assert mixed.shape == clean.shape == (4, 3, 64, 64)
+    assert torch.equal(mixed[2:], clean[2:])  # the second half: the drawings themselves
+    with torch.no_grad():  # the first half: the VAE's decoding, as 8-bit images
+        decoded = vae.decode(vae.encode(nets.to_tensor([world.draw(a, 32) for a in records[:2]])).latent_dist.mean)
+    want = pretrain.clip_pixels(nets.to_tensor(
+        [im.resize((64, 64), Image.BICUBIC) for im in nets.to_images(decoded.sample)]))
+    assert torch.allclose(mixed[:2], want) and not torch.allclose(mixed[:2], clean[:2], atol=0.1)
+
+
+def test_to_images_gives_back_the_drawings():
+    images = [world.draw(world.sample(random.Random(i)), 32) for i in range(3)]
+    assert [im.tobytes() for im in nets.to_images(nets.to_tensor(images))] == [im.tobytes() for im in images]
 
 
 def test_stage_resumes_to_the_same_weights(tmp_path):
@@ -205,11 +226,7 @@ def test_shipped_readout_reads_held_out_drawings():
 
     readout = assets.load_readout()
     accuracy = readout_accuracy(readout, n=300)
-    assert min(v for k, v in accuracy.items() if k != "hair_style") >= 0.95, accuracy
-    # A hat hides the hair style; without one the style is read as well as the rest.
-    hatless = [a for a in quality.heldout(300) if not a.hat]
-    seen = assets.read(readout, [world.draw(a, nets.RESOLUTION) for a in hatless])
-    assert sum(s["hair_style"] == a.hair_style for s, a in zip(seen, hatless)) / len(hatless) >= 0.95
+    assert min(accuracy.values()) >= 0.95, accuracy
 
 
 @pytest.mark.parametrize("name, template", [("hair_colour", "photo of a person with {} hair"),
@@ -228,8 +245,8 @@ def test_shipped_clip_scores_the_caption_that_fits_highest(name, template):
     values = list(world._VALUES[name])
     texts = clip.texts(["photo of a person" if v == "none" else template.format(v) for v in values])
     picked = [values[int(i)] for i in (images @ texts.T).argmax(dim=1)]
-    # 40 of 40 measured on three seeds for each, but hair style 38, 39, 40: a hat hides a bun
-    assert sum(p == getattr(a, name) for p, a in zip(picked, records)) >= (36 if name == "hair_style" else 38)
+    # 40 of 40 measured for each attribute with this seed (seeds 12 and 13: the mark 39 and 38)
+    assert sum(p == getattr(a, name) for p, a in zip(picked, records)) >= 38
 
 
 def test_toyworld_model_draws_what_the_prompt_asks(cache_dir):
@@ -249,9 +266,10 @@ def test_toyworld_model_draws_what_the_prompt_asks(cache_dir):
     seen = assets.read(readout, images)
     hits = {name: sum(s[name] == a[j] for s, a in zip(seen, asked))
             for j, name in enumerate(["hair_colour", "eye_colour", "background"])}
-    # 16 generations: hair colour 13 and background 16 measured; eye colour 11 (chance is 4)
-    assert hits["hair_colour"] + hits["background"] >= 28, hits
-    assert hits["eye_colour"] >= 7, hits
+    # 16 generations: hair colour 16, background 16 and eye colour 14 measured (14 and 15 with
+    # two other seed sets; chance is 4)
+    assert hits["hair_colour"] + hits["background"] >= 30, hits
+    assert hits["eye_colour"] >= 12, hits
 
 
 def test_toyworld_model_draws_the_hair_style_and_mark_asked_for(cache_dir):
@@ -261,12 +279,14 @@ def test_toyworld_model_draws_the_hair_style_and_mark_asked_for(cache_dir):
     base = load_base(ModelConfig(name="toyworld", builtin="toyworld", resolution=32), cache_dir, torch.device("cpu"))
     base.pipe.scheduler = make_scheduler("Euler a", dict(base.pipe.scheduler.config))
     readout = assets.load_readout()
-    asked = [(s, m) for s in world.HAIR_STYLES for m in ("star", "mole")] * 2
+    asked = [(s, m) for s in world.HAIR_STYLES for m in ("star", "mole")] * 4
     prompts = [f"photo of a person with brown {s} hair and blue eyes, a {m} on the cheek, on a white background"
                for s, m in asked]
     images = base.pipe(prompts, num_inference_steps=20, guidance_scale=7.0, height=32, width=32,
-                       generator=[torch.Generator().manual_seed(i) for i in range(len(prompts))]).images
+                       generator=[torch.Generator().manual_seed(i if i < 16 else 84 + i)
+                                  for i in range(len(prompts))]).images
     seen = assets.read(readout, images)
     style = sum(s["hair_style"] == a[0] for s, a in zip(seen, asked))
     mark = sum(s["mark"] == a[1] for s, a in zip(seen, asked))
-    assert style >= 14 and mark >= 14, (style, mark)  # of 16 (16 and 16 measured on three seed sets; chance 4 and 5)
+    # of 32: style 32 and mark 30 measured (a third set of 16 seeds: 16 and 16); chance 8 and 11
+    assert style >= 28 and mark >= 28, (style, mark)

@@ -35,7 +35,7 @@ def manifest(weights: Optional[Path] = None) -> dict:
     path = Path(weights or weights_dir()) / "manifest.json"
     if not path.exists():
         raise ModelError(f"toy world weights: {path} is missing; make them with "
-                         "`python -m lora_lab.toyworld.pretrain` (about 75 minutes on 2 CPU cores)")
+                         "`python -m lora_lab.toyworld.pretrain` (about 90 minutes on 2 CPU cores)")
     return json.loads(path.read_text(encoding="utf-8"))
 
 

@@ -175,3 +175,11 @@ def to_tensor(images) -> torch.Tensor:
 
     arr = np.stack([np.asarray(im.convert("RGB"), dtype=np.float32) for im in images])
     return torch.from_numpy(arr).permute(0, 3, 1, 2) / 127.5 - 1.0
+
+
+def to_images(x: torch.Tensor) -> list:
+    """(n, 3, h, w) in [-1, 1] -> 8-bit PIL images, rounded as diffusers' pipelines round."""
+    from PIL import Image
+
+    arr = ((x.detach() / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    return [Image.fromarray(a) for a in arr]

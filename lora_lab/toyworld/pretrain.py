@@ -5,7 +5,8 @@ Stages, in order, each resumable from its last checkpoint (every ``--every`` ste
 1. ``vae``: AutoencoderKL, 32 px drawings -> 8 x 8 x 4 latents (MSE + a small KL term).
 2. ``clip``: the toy world's CLIP, open_clip ``lora-lab-toyworld-clip`` (a ModifiedResNet
    image tower on the drawings upscaled to 64 px, as the CLIP scorer's own preprocessing
-   does, and a text transformer), contrastive on (drawing, caption) with hard negative
+   does, and a text transformer), contrastive on (drawing, caption), half of the drawings
+   as VAE round trips, with hard negative
    captions that differ in one attribute and a caption bank per attribute. It is the CLIP
    scorer's model (``clip.safetensors``), and its text tower becomes the diffusion model's text
    encoder (``text_encoder.safetensors``, token embedding shared with the CLIP file).
@@ -61,7 +62,7 @@ class Plan:
     readout_steps: int = 4000
     readout_batch: int = 64
     readout_lr: float = 2e-3
-    unet_steps: int = 8000
+    unet_steps: int = 10000
     unet_batch: int = 32
     unet_lr: float = 4e-4
     unet_uncond: float = 0.1
@@ -295,24 +296,34 @@ def _contrastive(plan: Plan, stage: str, clip, pixels: Callable, probes: Probes)
     return loss_fn
 
 
-def scorer_pixels(records, size: int) -> torch.Tensor:
-    """32 px drawings upscaled the way the CLIP scorer's own preprocessing does (PIL bicubic)."""
+def scorer_pixels(records, size: int, vae=None) -> torch.Tensor:
+    """32 px drawings upscaled the way the CLIP scorer's own preprocessing does (PIL bicubic).
+    With ``vae``, the first half are VAE round trips, saved as 8-bit images first as the
+    renderer's are: the scorer is asked about generated images, not only clean drawings."""
     from PIL import Image
 
-    images = [world.draw(a, nets.RESOLUTION).resize((size, size), Image.BICUBIC) for a in records]
-    return clip_pixels(nets.to_tensor(images))
+    images = [world.draw(a, nets.RESOLUTION) for a in records]
+    if vae is not None:
+        half = len(images) // 2
+        with torch.no_grad():
+            x = vae.decode(vae.encode(nets.to_tensor(images[:half])).latent_dist.mean).sample
+        images[:half] = nets.to_images(x)
+    return clip_pixels(nets.to_tensor([im.resize((size, size), Image.BICUBIC) for im in images]))
 
 
-def train_clip(plan: Plan, work: Path):
+def train_clip(plan: Plan, work: Path, vae=None):
     """Stage 2: the CLIP (scorer and, through its text tower, the UNet's text encoder). The
     image tower is convolutional: a ViT trained this briefly on these drawings learns their
     colours only, and a text tower trained against it then maps "spiky" and "short" to the
-    same states, so the UNet could never be asked for a hair style or a mark."""
+    same states, so the UNet could never be asked for a hair style or a mark. Half of each
+    batch goes through ``vae`` first: trained on clean drawings only, the CLIP put a generated
+    image showing all of the subject's identity barely closer to the subject's drawings than
+    one showing half of it, so likeness could not tell a good LoRA from a weak one."""
     clip = nets.make_clip()
     config = nets.clip_config()
     both = ClipWithProbes(clip, Probes(config["embed_dim"]))
     size = config["vision_cfg"]["image_size"]
-    loss_fn = _contrastive(plan, "clip", clip, lambda records: scorer_pixels(records, size), both.probes)
+    loss_fn = _contrastive(plan, "clip", clip, lambda records: scorer_pixels(records, size, vae), both.probes)
     state = _train("clip", work, both, plan.clip_steps, plan.clip_lr, loss_fn, plan.every)
     both.load_state_dict(state)
     return clip
@@ -387,7 +398,7 @@ def pretrain(plan: Plan, work: Path, weights: Path, command: str = "") -> dict:
         return out
 
     vae, scaling = timed("vae", lambda: train_vae(plan, work))
-    clip = timed("clip", lambda: train_clip(plan, work))
+    clip = timed("clip", lambda: train_clip(plan, work, vae))
     diffusion_text = nets.text_encoder_state(clip.state_dict())
     token_embedding = diffusion_text.pop("embeddings.token_embedding.weight")  # stored once, in clip.safetensors
     text_encoder = nets.text_encoder_from_state(diffusion_text, token_embedding)

@@ -149,12 +149,13 @@ def draw(a: Attributes, size: int = 64) -> Image.Image:
         d.rectangle(box(17, 14, 47, 21), fill=hair)
     else:
         d.chord(box(16, 8, 48, 34), 180, 360, fill=hair)
-        if a.hair_style == "bun":
-            d.ellipse(box(26, 1, 38, 12), fill=hair)
+    bun = box(26, 1, 38, 12)
+    if a.hair_style == "bun" and not a.hat:
+        d.ellipse(bun, fill=hair)
     eye = EYE_COLOURS[a.eye_colour]
     for x in (23, 34):  # eyes and marks are drawn large enough to survive 32 px and the VAE
         d.ellipse(box(x, 25, x + 7, 33), fill=(255, 255, 255))
-        d.ellipse(box(x + 1.5, 26, x + 5.5, 32), fill=eye)
+        d.ellipse(box(x + 1, 25.5, x + 6, 32.5), fill=eye)  # the iris: 2.5 x 3.5 px at 32 px
     d.line(box(28, 41, 36, 41), fill=(120, 40, 40), width=int(1.5 * k))
     if a.mark == "star":
         cx, cy, r = 40 + a.dx, 38 + a.dy, 4.5
@@ -170,6 +171,8 @@ def draw(a: Attributes, size: int = 64) -> Image.Image:
     if a.hat:
         d.rectangle(box(14, 8, 50, 12), fill=(60, 40, 20))
         d.rectangle(box(20, 0, 44, 9), fill=(60, 40, 20))
+        if a.hair_style == "bun":  # worn through the hat, as with a ponytail cap: a hat never hides it
+            d.ellipse(bun, fill=hair)
     if a.earrings:
         for x in (17, 46):
             d.ellipse(box(x - 1.5, 36, x + 1.5, 39), fill=(250, 210, 40))
@@ -185,7 +188,7 @@ SIZE = 32  # the toy world's models work at 32 px
 def subject_folder(cache_dir) -> Path:
     """A kohya parent folder ``10_sks person/`` with the subject in 16 drawings of :data:`SIZE`
     px, captioned kohya-style (``photo of sks person, wearing glasses, on a cyan background``);
-    written once under ``cache_dir/toyworld-v4``."""
+    written once under ``cache_dir/toyworld-v5``."""
     from lora_lab.files import publish_dir
 
     def build(tmp: Path) -> None:
@@ -195,7 +198,7 @@ def subject_folder(cache_dir) -> Path:
             draw(a, SIZE).save(folder / f"{i:02d}.png")
             (folder / f"{i:02d}.txt").write_text(caption(a, SUBJECT_TOKEN) + "\n", encoding="utf-8")
 
-    return publish_dir(Path(cache_dir) / "toyworld-v4", build, SUBJECT_FOLDER)
+    return publish_dir(Path(cache_dir) / "toyworld-v5", build, SUBJECT_FOLDER)
 
 
 # Caption parts that a prompt may name or leave out (pretraining shows the model both).
