@@ -250,17 +250,13 @@ def test_shipped_clip_scores_the_caption_that_fits_highest(name, template):
 
 
 def test_toyworld_model_draws_what_the_prompt_asks(cache_dir):
-    from lora_lab.models import load_base
-    from lora_lab.render import make_scheduler
-
-    base = load_base(ModelConfig(name="toyworld", builtin="toyworld", resolution=32), cache_dir, torch.device("cpu"))
-    base.pipe.scheduler = make_scheduler("Euler a", dict(base.pipe.scheduler.config))
+    pipe = quality.base_pipe(cache_dir)  # lora_lab's own loading code, A1111's "Euler a"
     readout = assets.load_readout()
     asked = [("red", "blue", "cyan"), ("blue", "green", "yellow"), ("white", "brown", "navy"), ("green", "gray", "pink"),
              ("black", "green", "orange"), ("blonde", "blue", "olive"), ("purple", "brown", "white"),
              ("brown", "gray", "gray")] * 2
     prompts = [f"photo of a person with {h} hair and {e} eyes, on a {b} background" for h, e, b in asked]
-    images = base.pipe(prompts, num_inference_steps=20, guidance_scale=7.0, height=32, width=32,
+    images = pipe(prompts, num_inference_steps=20, guidance_scale=7.0, height=32, width=32,
                        generator=[torch.Generator().manual_seed(i if i < 8 else 92 + i)
                                   for i in range(len(prompts))]).images
     seen = assets.read(readout, images)
@@ -273,16 +269,12 @@ def test_toyworld_model_draws_what_the_prompt_asks(cache_dir):
 
 
 def test_toyworld_model_draws_the_hair_style_and_mark_asked_for(cache_dir):
-    from lora_lab.models import load_base
-    from lora_lab.render import make_scheduler
-
-    base = load_base(ModelConfig(name="toyworld", builtin="toyworld", resolution=32), cache_dir, torch.device("cpu"))
-    base.pipe.scheduler = make_scheduler("Euler a", dict(base.pipe.scheduler.config))
+    pipe = quality.base_pipe(cache_dir)  # lora_lab's own loading code, A1111's "Euler a"
     readout = assets.load_readout()
     asked = [(s, m) for s in world.HAIR_STYLES for m in ("star", "mole")] * 4
     prompts = [f"photo of a person with brown {s} hair and blue eyes, a {m} on the cheek, on a white background"
                for s, m in asked]
-    images = base.pipe(prompts, num_inference_steps=20, guidance_scale=7.0, height=32, width=32,
+    images = pipe(prompts, num_inference_steps=20, guidance_scale=7.0, height=32, width=32,
                        generator=[torch.Generator().manual_seed(i if i < 16 else 84 + i)
                                   for i in range(len(prompts))]).images
     seen = assets.read(readout, images)

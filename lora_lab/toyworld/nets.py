@@ -178,8 +178,8 @@ def to_tensor(images) -> torch.Tensor:
 
 
 def to_images(x: torch.Tensor) -> list:
-    """(n, 3, h, w) in [-1, 1] -> 8-bit PIL images, rounded as diffusers' pipelines round."""
-    from PIL import Image
+    """(n, 3, h, w) in [-1, 1] -> 8-bit PIL images, by diffusers' own post-processing (as the
+    pipelines that render lora_lab's images do)."""
+    from diffusers.image_processor import VaeImageProcessor
 
-    arr = ((x.detach() / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
-    return [Image.fromarray(a) for a in arr]
+    return VaeImageProcessor().postprocess(x.detach(), output_type="pil")
