@@ -4,14 +4,18 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+# Every package at the version the tests passed with (Linux x86-64, CPython 3.11, as CI).
+# `make lock` re-resolves it from pyproject.toml; `make upgrade-check` tries the newest.
+LOCK := requirements.lock
 
-.PHONY: demo test setup clean system-deps
+.PHONY: demo test setup clean system-deps lock upgrade-check
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml $(LOCK)
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet torch==2.14.1 torchvision==0.29.1 || $(PY) -m pip install --quiet torch torchvision
-	$(PY) -m pip install --quiet -e ".[test]"
+	$(PY) -m pip install --quiet -r $(LOCK)
+	$(PY) -m pip install --quiet --no-deps -e .
+	$(PY) -m pip check
 	touch $(STAMP)
 
 setup: $(STAMP)
@@ -37,5 +41,20 @@ system-deps:
 		else echo "note:$$missing not installed; their tests will be skipped"; fi; \
 	fi
 
+# Re-resolve the lock from pyproject.toml's ranges (needs the package index). torch stays at
+# the release this project is tested with (TORCH_PINS).
+TORCH_PINS := torch==2.14.1 torchvision==0.29.1
+lock:
+	$(PYTHON) -m venv .venv-tools
+	.venv-tools/bin/python -m pip install --quiet pip-tools
+	printf '%s\n' $(TORCH_PINS) > .venv-tools/torch-pins.txt
+	.venv-tools/bin/pip-compile --quiet --extra test --strip-extras --no-emit-find-links \
+		--no-emit-index-url --constraint .venv-tools/torch-pins.txt --output-file $(LOCK) pyproject.toml
+
+# Not part of CI: the newest release of every dependency (our upper bounds lifted) in
+# .venv-latest, what changed against the lock, and the tests' result there.
+upgrade-check:
+	$(PYTHON) .ci/upgrade_check.py
+
 clean:
-	rm -rf $(VENV) sweeps/*/ sweeps/.cache reports/*/
+	rm -rf $(VENV) .venv-tools .venv-latest sweeps/*/ sweeps/.cache reports/*/

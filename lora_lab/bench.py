@@ -259,7 +259,9 @@ def truth(args) -> dict:
            f"sweep.root={root}", f"sweep.reports={root / 'reports'}", f"cache_dir={args.cache_dir}", *args.overrides]
     print("running: " + " ".join(cmd[1:]), flush=True)
     started = time.perf_counter()
-    subprocess.run(cmd, check=True)
+    rc = subprocess.run(cmd).returncode
+    if rc != 0:
+        raise SystemExit(f"error: the truth sweep stopped (exit {rc}); its reason is printed above")
     sweep_s = time.perf_counter() - started
     study = root / "truth"
     readout = assets.load_readout()
@@ -282,8 +284,10 @@ def truth(args) -> dict:
                      "pick_rank": result["pick_rank"], "true_best": result["true_best"],
                      "confusion": result["confusion"]})
         tables.append(result["table"].assign(trial=trial_dir.name))
-    merged = pd.concat(tables) if tables else pd.DataFrame()
-    lora_cells = merged[merged.strength != 0] if len(merged) else merged
+    if not tables:
+        raise SystemExit(f"error: no trial of {study} finished with a verdict: there is no figure to report")
+    merged = pd.concat(tables)
+    lora_cells = merged[merged.strength != 0]
     overall = float((lora_cells.verdict == lora_cells.true_verdict).mean()) if len(lora_cells) else float("nan")
     picks = [r["pick_rank"] for r in rows if r["pick_rank"] is not None]
     summary = {

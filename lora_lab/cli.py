@@ -6,7 +6,7 @@ import functools
 import logging
 import os
 import sys
-from typing import Callable
+from typing import Callable, Dict, List, Tuple
 
 from lora_lab.config import Config, conf_dir, register, to_config
 from lora_lab.errors import ConfigError, LoraLabError
@@ -27,24 +27,78 @@ def setup_logging() -> None:
     tlog.disable_progress_bar()
 
 
+# A sweep's tables, given whole on the command line (`sweep.grid={train.text_encoder_lr:[1e-3,3e-3]}`),
+# replace the sweep file's table, keys the file never named included. Hydra itself would merge
+# into the file's table and refuse a new key ("not in struct"); `++sweep.grid={...}` still merges.
+TABLES = ("sweep.grid", "sweep.fixed", "sweep.space", "sweep.variants")
+
+
+def split_tables(overrides: List[str]) -> Tuple[List[str], Dict[str, dict]]:
+    """Take ``sweep.grid=...``-style overrides out of a Hydra override list.
+
+    Returns:
+        (the other overrides, {"sweep.grid": parsed table, ...}).
+
+    Raises:
+        ConfigError: when the value is not a table (``{key: value, ...}``).
+    """
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+
+    rest, tables = [], {}
+    for item in overrides:
+        key = item.split("=", 1)[0]
+        if key not in TABLES:
+            rest.append(item)
+            continue
+        try:
+            value = OverridesParser.create().parse_override(item).value()
+        except HydraException as exc:
+            raise ConfigError(f"{key}: cannot read {item.split('=', 1)[1]!r}: {str(exc).splitlines()[0]}") from None
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: give a table like {{train.network_dim:[8,32]}}, got {item.split('=', 1)[1]!r}")
+        tables[key] = value
+    return rest, tables
+
+
+def apply_tables(cfg, tables: Dict[str, dict]):
+    """Put whole tables from :func:`split_tables` into a composed config."""
+    from omegaconf import open_dict
+
+    if tables and cfg.get("sweep") is None:
+        raise ConfigError(f"{next(iter(tables))}: no sweep chosen; add +sweep=NAME")
+    with open_dict(cfg):
+        for key, value in tables.items():
+            cfg.sweep[key.split(".", 1)[1]] = value
+    return cfg
+
+
 def hydra_entry(task: Callable[[Config], object]) -> Callable[[], None]:
     """Wrap ``task(config)`` as a Hydra main that prints ``error: ...`` and exits 2 on bad input."""
     import hydra
     from omegaconf import DictConfig
 
     register()
+    tables: Dict[str, dict] = {}
 
     @hydra.main(config_path=str(conf_dir()), config_name="config", version_base="1.3")
     def _main(cfg: DictConfig) -> None:
         setup_logging()
         try:
-            task(to_config(cfg))
+            task(to_config(apply_tables(cfg, tables)))
         except LoraLabError as exc:
             print(f"error: {exc}", file=sys.stderr)
             sys.exit(2)
 
     @functools.wraps(task)
     def run() -> None:
+        try:
+            rest, found = split_tables(sys.argv[1:])
+        except LoraLabError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            sys.exit(2)
+        tables.update(found)
+        sys.argv[1:] = rest
         _main()
 
     return run
@@ -58,10 +112,11 @@ def compose(overrides: list[str] | None = None) -> Config:
     from hydra.errors import ConfigCompositionException
 
     register()
+    rest, tables = split_tables(list(overrides or []))
     with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
         try:
-            cfg = hydra_compose(config_name="config", overrides=list(overrides or []))
+            cfg = hydra_compose(config_name="config", overrides=rest)
         except ConfigCompositionException as exc:
             cause = f": {exc.__cause__}".splitlines()[0] if exc.__cause__ else ""
             raise ConfigError(f"{exc}{cause}") from None
-    return to_config(cfg)
+    return to_config(apply_tables(cfg, tables))

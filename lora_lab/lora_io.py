@@ -82,12 +82,27 @@ def text_lora_config(text_encoder: torch.nn.Module, cfg: TrainConfig):
     )
 
 
+def _inject(module: torch.nn.Module, config, adapter: str) -> None:
+    """Add ``adapter`` to a model through peft itself and make it the active one.
+
+    diffusers' and transformers' ``add_adapter`` are thin wrappers around the same peft call,
+    but each checks peft's version against its own minimum first (transformers 5.24 refuses
+    every released peft); going to peft directly keeps one library's check from breaking both.
+    """
+    from peft import inject_adapter_in_model
+
+    with warnings.catch_warnings():  # a second adapter beside a first is intended
+        warnings.filterwarnings("ignore", message="Already found a `peft_config`")
+        inject_adapter_in_model(config, module, adapter_name=adapter)
+    _activate(module, adapter)
+
+
 def attach(unet, text_encoder, cfg: TrainConfig) -> List[torch.nn.Parameter]:
     """Add fresh LoRA adapters (fp32) and return the trainable parameters."""
-    unet.add_adapter(unet_lora_config(unet, cfg), adapter_name=ADAPTER)
+    _inject(unet, unet_lora_config(unet, cfg), ADAPTER)
     modules = [unet]
     if cfg.trains_text_encoder:
-        text_encoder.add_adapter(text_lora_config(text_encoder, cfg), adapter_name=ADAPTER)
+        _inject(text_encoder, text_lora_config(text_encoder, cfg), ADAPTER)
         modules.append(text_encoder)
     params = []
     for module in modules:
@@ -261,9 +276,7 @@ def load_into(unet, text_encoder, tensors: Dict[str, torch.Tensor], source: str 
         if current != signature:
             _delete_adapter(module, adapter)
             if wanted:
-                with warnings.catch_warnings():  # a training adapter beside it is intended
-                    warnings.filterwarnings("ignore", message="Already found a `peft_config`")
-                    module.add_adapter(_config_for(wanted), adapter_name=adapter)
+                _inject(module, _config_for(wanted), adapter)
             layers = dict(_lora_layers(module, adapter))
         _activate(module, adapter)
         with torch.no_grad():

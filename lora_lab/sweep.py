@@ -32,11 +32,16 @@ from lora_lab import leaderboard
 from lora_lab.config import Config, ConfigError, to_config, to_yaml
 from lora_lab.errors import LoraLabError
 from lora_lab.files import atomic_write_text
+from lora_lab.versions import versions
 from lora_lab.tb import log_hparams
 
 log = logging.getLogger("lora_lab.sweep")
 RUNNING, COMPLETE, PRUNED, FAILED = "running", "complete", "pruned", "failed"
 HEARTBEAT_S = 30
+
+
+class SweepFailed(LoraLabError):
+    """Every trial of the study failed: there is nothing to pick from."""
 
 
 def _first_line(exc: BaseException) -> str:
@@ -361,7 +366,7 @@ def work(config: Config, study_dir: Path) -> None:
         tdir.mkdir(parents=True, exist_ok=True)
         started = time.time()
         _write_trial(tdir, number=trial.number, state=RUNNING, params=params, host=socket.gethostname(),
-                     pid=os.getpid(), started=started)
+                     pid=os.getpid(), started=started, versions=versions())
         log.info(f"trial {trial.number} start: " + ", ".join(f"{k}={v}" for k, v in params.items()))
         try:
             with _heartbeat(study, trial):
@@ -537,7 +542,17 @@ def run(config: Config) -> "leaderboard.pd.DataFrame":
     log.info(f"leaderboard: {study_dir / 'leaderboard.csv'}")
     log.info(f"report: {index}")
     log.info(f"TensorBoard: tensorboard --logdir {study_dir}")
+    _raise_if_all_failed(table)
     return table
+
+
+def _raise_if_all_failed(table) -> None:
+    """A study in which no trial finished or was pruned has no result: say so and exit non-zero."""
+    if len(table) == 0 or (table.state != FAILED).any():
+        return
+    reasons = table.reason.dropna().astype(str)
+    common = reasons.mode().iloc[0] if len(reasons) else "no reason recorded"
+    raise SweepFailed(f"all {len(table)} trials failed: {common}")
 
 
 def main() -> None:

@@ -26,6 +26,7 @@ from lora_lab.config import ADAPTIVE_OPTIMIZERS, Config, TrainConfig, to_yaml
 from lora_lab.data import Dataset, batches, epoch_order, load_dataset, shuffle_caption
 from lora_lab.errors import LoraLabError, TrainingError
 from lora_lab.models import BaseModel, load_base, module_fingerprint, pick_device
+from lora_lab.versions import versions
 
 log = logging.getLogger(__name__)
 
@@ -164,6 +165,9 @@ def _metadata(config: Config, base: BaseModel, dataset: Dataset, *, epoch: int, 
         ss_shuffle_caption=config.data.shuffle_caption,
         ss_keep_tokens=config.data.keep_tokens,
         modelspec_title=t.output_name,
+        # kohya records its own commit in ss_sd_scripts_commit_hash; ours, with the libraries
+        # whose behaviour shapes the file, as JSON beside it.
+        lora_lab_versions=versions(),
     )
 
 

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
+from importlib.metadata import version
 import sys
 
 import pandas as pd
@@ -52,6 +54,27 @@ def test_bad_sweep_keys_are_named_with_a_suggestion():
         sweep.check_keys(cfg)
     with pytest.raises(ConfigError, match="cannot vary within a study"):
         compose(["+sweep=smoke", "++sweep.grid={model.pretrained:[a,b]}"])
+
+
+def test_a_table_on_the_command_line_replaces_the_sweep_files_table():
+    # A key the sweep file never named (truth.yaml varies rank and learning rate only).
+    cfg = compose(["+sweep=truth", "sweep.grid={train.text_encoder_lr:[1e-3,3e-3]}",
+                   "sweep.fixed={train.epochs:8,data.repeats:20}"])
+    assert cfg.sweep.grid == {"train.text_encoder_lr": [1e-3, 3e-3]}
+    assert cfg.sweep.fixed == {"train.epochs": 8, "data.repeats": 20}
+    assert cfg.sweep.grid_size() == 2
+    merged = compose(["+sweep=truth", "++sweep.grid={train.text_encoder_lr:[1e-3]}"])  # ++ merges
+    assert set(merged.sweep.grid) == {"train.network_dim", "train.learning_rate", "train.text_encoder_lr"}
+    wrong = compose(["+sweep=truth", "sweep.grid={train.text_encoder_rl:[1e-3]}"])
+    with pytest.raises(ConfigError, match=r"'train.text_encoder_rl' is not a config path .*did you mean train.text_encoder_lr"):
+        sweep.check_keys(wrong)
+    with pytest.raises(ConfigError, match=r"sweep.grid: give a table like"):
+        compose(["+sweep=truth", "sweep.grid=[1,2]"])
+    proc = subprocess.run([sys.executable, "-m", "lora_lab.sweep", "+sweep=truth", "sweep.root=/nonexistent/x",
+                           "sweep.grid={train.text_encoder_rl:[1e-3]}"], capture_output=True, text=True,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=120)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "did you mean train.text_encoder_lr" in proc.stderr.strip().splitlines()[-1]
 
 
 def test_no_sweep_chosen_lists_the_choices():
@@ -104,6 +127,20 @@ def test_a_failing_trial_is_recorded_and_the_study_goes_on(tmp_path, cache_dir, 
     assert table.loc[2, "state"] == "complete"
     failed = tmp_path / "smoke" / f"trial_{int(table.loc[0, 'trial'])}"
     assert "train.network_dim" in (failed / "error.txt").read_text()
+
+
+def test_a_study_whose_every_trial_failed_exits_non_zero_with_one_sentence(tmp_path, cache_dir, demo_dir):
+    cfg = _cfg(tmp_path, cache_dir, "sweep.grid={train.network_dim:[0,-1]}")
+    with pytest.raises(sweep.SweepFailed, match=r"^all 2 trials failed: train\.network_dim: must be a whole number"):
+        sweep.run(cfg)
+    # The command line, run again on the same study (it resumes: nothing left to run).
+    proc = subprocess.run([sys.executable, "-m", "lora_lab.sweep", "+sweep=smoke", f"sweep.root={tmp_path}",
+                           f"cache_dir={cache_dir}", "sweep.grid={train.network_dim:[0,-1]}"],
+                          capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: all 2 trials failed: train.network_dim")
+    info = json.loads((tmp_path / "smoke" / "trial_0" / "trial.json").read_text())
+    assert info["state"] == "failed" and info["versions"]["peft"] == version("peft")
 
 
 def test_pruning_stops_hopeless_trials(tmp_path, cache_dir, demo_dir, monkeypatch):

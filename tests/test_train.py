@@ -89,6 +89,35 @@ def test_text_encoder_lora_and_loss_options(base, cache_dir, demo_dir, tmp_path)
     assert "lr/textencoder" in scalars
 
 
+def test_adapters_attach_through_peft_not_the_model_libraries(base, cache_dir, demo_dir, tmp_path, monkeypatch):
+    """transformers' and diffusers' add_adapter check peft's version against their own minimum
+    (transformers 5.24 refused every released peft): training must not depend on either."""
+    import diffusers.loaders.peft
+    import transformers.integrations.peft
+
+    def refuse(*a, **k):
+        raise ValueError("The version of PEFT you are using is not compatible")
+
+    monkeypatch.setattr(transformers.integrations.peft.PeftAdapterMixin, "add_adapter", refuse)
+    monkeypatch.setattr(diffusers.loaders.peft.PeftAdapterMixin, "add_adapter", refuse)
+    _, result = _run(base, cache_dir, tmp_path / "te", epochs=1, text_encoder_lr=5e-4)
+    tensors = load_file(tmp_path / "te" / "lora" / "last.safetensors")
+    te = [k for k in tensors if k.startswith("lora_te_") and k.endswith("lora_up.weight")]
+    assert te and any(tensors[k].abs().sum() > 0 for k in te)  # the text-encoder LoRA trained
+    assert not any("lora_A" in n for n, _ in base.text_encoder.named_parameters())  # and was removed
+
+
+def test_files_record_the_library_versions_that_made_them(base, cache_dir, demo_dir, tmp_path):
+    import json
+    from importlib.metadata import version
+
+    _run(base, cache_dir, tmp_path / "v", epochs=1)
+    with safe_open(tmp_path / "v" / "lora" / "last.safetensors", "pt") as f:
+        made_by = json.loads(f.metadata()["lora_lab_versions"])
+    for name in ("torch", "diffusers", "transformers", "peft"):
+        assert made_by[name] == version(name)
+
+
 def test_nan_loss_stops_with_step_and_epoch(base, cache_dir, demo_dir, tmp_path, monkeypatch):
     from lora_lab import cache
 
