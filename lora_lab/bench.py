@@ -111,7 +111,7 @@ def baseline_trial(spec: Dict) -> Dict:
     load_s = time.perf_counter() - load
     result = train(cfg, base, dataset, out)
     folder = base.source
-    suite = load_suite(cfg.eval.suite, dataset.token).limited(cfg.eval.max_prompts)
+    suite = load_suite(cfg.eval.suite, dataset.token, dataset.suite).limited(cfg.eval.max_prompts)
     render_s = images = 0
     for epoch, path in sorted(result.lora_files.items()):
         for strength in cfg.eval.strengths:
@@ -182,7 +182,8 @@ def _memory(args, root: Path) -> Dict:
 
 
 def compare(args) -> Dict:
-    root = Path(args.out).resolve()
+    out = Path(args.out).resolve()
+    root = out / "compare"  # its own folder: `bench truth` keeps its studies beside it
     if root.exists():
         import shutil
 
@@ -212,9 +213,9 @@ def compare(args) -> Dict:
         "warm_trial_setup_s": max(ours["setup_s"][1:] or ours["setup_s"]),
     }
     result["cache_speedup"] = result["train_steps_per_s"]["cached"] / result["train_steps_per_s"]["uncached"]
-    (root / "bench.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
+    (out / "bench.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
     print(_table(result))
-    print(f"json: {root / 'bench.json'}")
+    print(f"json: {out / 'bench.json'}")
     return result
 
 
@@ -244,107 +245,24 @@ def _columns(head, rows) -> str:
     return "\n".join("  ".join(str(c).ljust(w) for c, w in zip(row, width)).rstrip() for row in [head, *rows])
 
 
-def truth(args) -> dict:
-    """Run the truth sweep on the toy world, then check every cell's verdict and each pick
-    against the read-out's ground truth (:mod:`lora_lab.toyworld.truth`)."""
-    import pandas as pd
-
-    from lora_lab.config import JudgeConfig
-    from lora_lab.toyworld import assets
-    from lora_lab.toyworld import truth as gt
-    from lora_lab.toyworld.world import SUBJECT_FOLDER, subject_folder
-
-    root = Path(args.out).resolve()
-    cmd = [sys.executable, "-m", "lora_lab.sweep", "+sweep=truth", "model=toyworld", "data=toyworld",
-           f"sweep.root={root}", f"sweep.reports={root / 'reports'}", f"cache_dir={args.cache_dir}", *args.overrides]
-    print("running: " + " ".join(cmd[1:]), flush=True)
-    started = time.perf_counter()
-    rc = subprocess.run(cmd).returncode
-    if rc != 0:
-        raise SystemExit(f"error: the truth sweep stopped (exit {rc}); its reason is printed above")
-    sweep_s = time.perf_counter() - started
-    study = root / "truth"
-    readout = assets.load_readout()
-    refs = sorted(p for p in (subject_folder(Path(args.cache_dir)) / SUBJECT_FOLDER).glob("*.png"))
-    top = gt.ceiling(readout, refs)
-    rows, tables = [], []
-    for trial_dir in sorted(study.glob("trial_*"), key=lambda p: int(p.name.split("_")[1])):
-        if not (trial_dir / "verdict.json").exists():
-            continue
-        doc = json.loads((trial_dir / "verdict.json").read_text(encoding="utf-8"))
-        judge_cfg = JudgeConfig(**doc["thresholds"])
-        scores = pd.read_csv(trial_dir / "scores.csv")
-        judged = pd.read_csv(trial_dir / "scores_agg.csv")
-        table = gt.truth_cells(gt.read_scores(scores, readout, Path.cwd()), top, judge_cfg)
-        result = gt.compare(judged, table, doc.get("best"))
-        params = json.loads((trial_dir / "trial.json").read_text(encoding="utf-8")).get("params", {})
-        rows.append({"trial": trial_dir.name, "params": params, "cells": result["cells"],
-                     "agreement": result["agreement"], "pick": doc.get("best") and
-                     {"epoch": doc["best"]["epoch"], "strength": doc["best"]["strength"]},
-                     "pick_rank": result["pick_rank"], "true_best": result["true_best"],
-                     "confusion": result["confusion"]})
-        tables.append(result["table"].assign(trial=trial_dir.name))
-    if not tables:
-        raise SystemExit(f"error: no trial of {study} finished with a verdict: there is no figure to report")
-    merged = pd.concat(tables)
-    lora_cells = merged[merged.strength != 0]
-    overall = float((lora_cells.verdict == lora_cells.true_verdict).mean()) if len(lora_cells) else float("nan")
-    picks = [r["pick_rank"] for r in rows if r["pick_rank"] is not None]
-    summary = {
-        "sweep_s": round(sweep_s, 1), "reference_identity": top, "trials": rows,
-        "cells": int(len(lora_cells)), "verdict_agreement": overall,
-        "picks_in_true_top3": sum(1 for r in picks if r <= 3), "picks": len(picks),
-        "confusion": pd.crosstab(lora_cells.true_verdict, lora_cells.verdict).to_dict() if len(lora_cells) else {},
-        "identity_shown": {name: {"base": float(merged[merged.strength == 0][f"shows_{name}"].mean()),
-                                  "lora": float(lora_cells[f"shows_{name}"].mean())}
-                           for name in gt.IDENTITY} if len(lora_cells) else {},
-    }
-    if len(merged):
-        merged.to_csv(study / "truth_cells.csv", index=False)
-    out = root / "truth.json"
-    out.write_text(json.dumps(summary, indent=2, default=str) + "\n", encoding="utf-8")
-    print(truth_text(summary))
-    print(f"\ncells with both verdicts: {study / 'truth_cells.csv'}\nfigures: {out}")
-    return summary
-
-
-def truth_text(s: dict) -> str:
-    lines = ["", "truth benchmark: lora_lab's verdicts (tiny CLIP) against the read-out's ground truth",
-             f"sweep: {s['sweep_s']:.0f} s; the read-out sees {s['reference_identity']:.0%} of the identity "
-             "in the training drawings", ""]
-    head = ["trial", "params", "agreement", "pick (epoch, strength)", "true rank", "true best"]
-    body = []
-    for r in s["trials"]:
-        pick = f"({r['pick']['epoch']}, {r['pick']['strength']:g})" if r["pick"] else "none"
-        best = f"({r['true_best']['epoch']}, {r['true_best']['strength']:g})" if r["true_best"] else "none"
-        params = ", ".join(f"{k.split('.')[-1]}={v}" for k, v in r["params"].items())
-        body.append([r["trial"], params, f"{r['agreement']:.0%}", pick, str(r["pick_rank"] or "-"), best])
-    lines.append(_columns(head, body))
-    lines += ["", f"verdict agreement over {s['cells']} cells: {s['verdict_agreement']:.1%} (target 90%)",
-              f"picks in the true top 3: {s['picks_in_true_top3']} of {s['picks']} (target: all)",
-              "confusion (rows: truth, columns: lora_lab):"]
-    verdicts = ["underfit", "good", "overfit"]
-    conf = s["confusion"]
-    lines.append(_columns(["truth \\ lora_lab"] + verdicts,
-                        [[t] + [str(int(conf.get(v, {}).get(t, 0))) for v in verdicts] for t in verdicts]))
-    if s.get("identity_shown"):
-        lines += ["", "the subject's identity in the likeness images, part by part (read-out):"]
-        lines.append(_columns(["part", "base model", "LoRA cells"],
-                              [[k, f"{v['base']:.0%}", f"{v['lora']:.0%}"] for k, v in s["identity_shown"].items()]))
-    return "\n".join(lines)
-
-
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["truth"]:
+        from lora_lab.toyworld import truthbench
+
         parser = argparse.ArgumentParser(prog="python -m lora_lab.bench truth",
-                                         description="lora_lab's verdicts and picks against the toy world's truth")
+                                         description="lora_lab's verdicts, picks and pruning against the toy world's "
+                                                     "truth, thresholds chosen on calibration subjects")
         parser.add_argument("--cache-dir", default="sweeps/.cache")
-        parser.add_argument("--out", default="sweeps/bench-truth")
-        parser.add_argument("overrides", nargs="*", help="Hydra overrides for the sweep (eval.seeds=[1,2] ...)")
+        parser.add_argument("--out", default="sweeps/bench")
+        parser.add_argument("--calibration", type=lambda s: s.split(","), default=list(truthbench.CALIBRATION),
+                            help="subjects the thresholds are chosen on (comma-separated)")
+        parser.add_argument("--heldout", type=lambda s: s.split(","), default=list(truthbench.HELDOUT),
+                            help="subjects the figures are reported on (comma-separated)")
+        parser.add_argument("overrides", nargs="*", help="Hydra overrides for every study (eval.seeds=[1,2] ...)")
         args = parser.parse_args(argv[1:])
         args.cache_dir = str(Path(args.cache_dir).resolve())
-        truth(args)
+        truthbench.run(args)
         return 0
     if argv[:1] == ["baseline-trial"]:
         from lora_lab.cli import setup_logging

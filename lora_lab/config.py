@@ -15,6 +15,7 @@ from typing import Any, Dict, List, Optional
 
 from omegaconf import DictConfig, OmegaConf
 
+from lora_lab import plugins
 from lora_lab.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -33,8 +34,9 @@ OPTIMIZERS = ("adamw", "adamw8bit", "adafactor", "prodigy", "dadaptation", "lion
 ADAPTIVE_OPTIMIZERS = ("prodigy", "dadaptation")
 MIXED_PRECISION = ("no", "fp16", "bf16")
 PRESETS = ("sd15", "sd21", "sd21_base")
-BUILTIN_MODELS = ("tiny", "bench", "toyworld")
-BUILTIN_DATA = ("demo", "toyworld")
+# Made by lora_lab itself; packages register more (lora_lab.plugins: the toy world's).
+BUILTIN_MODELS = ("tiny", "bench")
+BUILTIN_DATA = ("demo",)
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 
 
@@ -64,7 +66,7 @@ class ModelConfig:
             ``.safetensors`` checkpoint (the files A1111 users have). Pickle files are refused.
         builtin: ``tiny`` builds a small SD-shaped model in code (saved to the cache folder
             and loaded back like any local folder); ``bench`` a larger one for benchmarks;
-            ``toyworld`` the toy world's trained model (weights shipped with lora_lab).
+            or a name a package registers (lora_lab.plugins), e.g. ``toyworld``.
             Ignored when ``pretrained`` is set.
         preset: Architecture of a single-file checkpoint: sd15, sd21 (v-prediction, 768 px)
             or sd21_base (epsilon, 512 px). Its config files ship with lora_lab.
@@ -92,7 +94,7 @@ class ModelConfig:
             ".safetensors file, or use model=tiny",
         )
         if self.builtin and not self.pretrained:
-            _choice(self.builtin, "model.builtin", BUILTIN_MODELS)
+            _choice(self.builtin, "model.builtin", BUILTIN_MODELS + plugins.names("model"))
         if self.preset is not None:
             _choice(self.preset, "model.preset", PRESETS)
         if self.prediction_type is not None:
@@ -108,8 +110,10 @@ class DataConfig:
         path: A kohya parent folder (``<path>/<repeats>_<token>/`` with images and same-stem
             caption files), a folder with a diffusers ``metadata.jsonl``, or a kohya
             ``dataset_config.toml`` file.
-        builtin: ``demo`` generates a small face data set offline; ``toyworld`` the drawn
-            subject ``sks`` of the toy world (ignored when path is set).
+        builtin: ``demo`` generates a small face data set offline, or a name a package
+            registers (lora_lab.plugins), e.g. ``toyworld`` (ignored when path is set).
+        subject: Which subject a registered data set draws (``toyworld``: a file in
+            ``lora_lab/toyworld/subjects/``); null for its default.
         token: The trigger word (``anantn``); evaluation prompts use it. Defaults to the
             class tokens of the first kohya folder.
         caption_column: Caption field of ``metadata.jsonl`` lines.
@@ -120,10 +124,14 @@ class DataConfig:
         shuffle_caption: Shuffle comma-separated tags each step (text embeddings are then
             computed per step, not cached).
         keep_tokens: With shuffle_caption, keep the first N tags in place.
+        validation_split: Fraction of the training images held out for the validation loss
+            (kohya's ``validation_split``; 0: none). Chosen by ``validation_seed``.
+        validation_seed: Seed of the held-out choice and of the validation noise.
     """
 
     path: Optional[str] = None
     builtin: Optional[str] = "demo"
+    subject: Optional[str] = None
     token: Optional[str] = None
     caption_column: str = "text"
     caption_extension: str = ".txt"
@@ -132,6 +140,8 @@ class DataConfig:
     prior_loss_weight: float = 1.0
     shuffle_caption: bool = False
     keep_tokens: int = 0
+    validation_split: float = 0.0
+    validation_seed: int = 0
 
     def __post_init__(self) -> None:
         _require(
@@ -141,7 +151,7 @@ class DataConfig:
             "metadata.jsonl, or a dataset_config.toml (or use data=demo)",
         )
         if self.builtin and not self.path:
-            _choice(self.builtin, "data.builtin", BUILTIN_DATA)
+            _choice(self.builtin, "data.builtin", BUILTIN_DATA + plugins.names("data"))
         if self.repeats is not None:
             _require(
                 isinstance(self.repeats, int) and self.repeats >= 1,
@@ -150,6 +160,8 @@ class DataConfig:
             )
         _positive(self.prior_loss_weight, "data.prior_loss_weight", allow_zero=True)
         _require(self.keep_tokens >= 0, "data.keep_tokens", "must be >= 0")
+        _require(0 <= self.validation_split < 1, "data.validation_split",
+                 f"must be a fraction in [0, 1), got {self.validation_split!r}")
         _require(
             self.caption_extension.startswith("."),
             "data.caption_extension",
@@ -380,18 +392,30 @@ class EvalConfig:
 
 
 SWEEP_SAMPLERS = ("grid", "tpe", "random")
-PRUNERS = ("none", "median")
+PRUNERS = ("none", "median", "percentile")
 OBJECTIVES = ("combined", "likeness", "adherence", "gain")
 _NOT_SWEEPABLE = ("model.", "cache_dir", "device", "sweep.", "output_dir", "lora_dir")
 
 
 @dataclass
 class PruneEvalConfig:
-    """The cheap evaluation after each saved epoch that feeds the pruner."""
+    """The per-epoch check that feeds the pruner: a smaller evaluation of the same kind.
 
-    max_prompts: int = 1
-    seeds: List[int] = field(default_factory=lambda: [1234])
-    strengths: List[float] = field(default_factory=lambda: [0.0, 1.0])
+    Attributes:
+        max_prompts: Prompts of each kind (likeness and adaptability), from the suite's start.
+        seeds: Seeds; null: the first ``n_seeds`` of ``eval.seeds``.
+        n_seeds: How many of ``eval.seeds`` when ``seeds`` is null.
+        strengths: Strengths; null: ``eval.strengths``, the ones the objective is chosen from.
+        steps: Sampling steps; null: ``eval.steps``.
+
+    A single prompt and seed at strengths 0 and 1 read as saturated as early as epoch 1 and
+    ranked trials no better than chance (``bench truth``'s pruning figures), hence these defaults.
+    """
+
+    max_prompts: int = 2
+    seeds: Optional[List[int]] = None
+    n_seeds: int = 2
+    strengths: Optional[List[float]] = None
     steps: Optional[int] = None
 
 
@@ -408,8 +432,13 @@ class SweepConfig:
         fixed: Config path -> value applied to every trial.
         n_trials: Trials in all (grid: default every combination).
         sampler: grid, tpe or random.
-        pruner: none or median (Optuna's MedianPruner on the per-epoch cheap evaluation).
+        pruner: none, median or percentile (Optuna's MedianPruner / PercentilePruner on the
+            per-epoch check, ``prune_eval``).
         pruner_startup_trials: Trials that always run to the end before pruning starts.
+        pruner_warmup_epochs: Epochs of every trial that are never pruned.
+        pruner_percentile: With ``percentile``: prune below this percentile of earlier trials.
+        pruner_patience: Epochs a trial may stay below the bar before it is pruned (Optuna's
+            PatientPruner); 0: pruned at the first.
         objective: combined, likeness, adherence or gain of the best cell (evaluation stage).
         direction: maximize or minimize.
         storage: null = a journal file in the study folder (one machine); a database URL
@@ -428,6 +457,9 @@ class SweepConfig:
     sampler: str = "grid"
     pruner: str = "median"
     pruner_startup_trials: int = 2
+    pruner_warmup_epochs: int = 1
+    pruner_percentile: float = 25.0
+    pruner_patience: int = 0
     objective: str = "combined"
     direction: str = "maximize"
     storage: Optional[str] = None
@@ -442,6 +474,9 @@ class SweepConfig:
                  f"must be a folder name of letters, digits, '-', '_' or '.', got {self.name!r}")
         _choice(self.sampler, "sweep.sampler", SWEEP_SAMPLERS)
         _choice(self.pruner, "sweep.pruner", PRUNERS)
+        _require(self.pruner_warmup_epochs >= 0 and self.pruner_patience >= 0, "sweep.pruner_warmup_epochs",
+                 "warm-up epochs and patience must be >= 0")
+        _require(0 < self.pruner_percentile < 100, "sweep.pruner_percentile", "must be between 0 and 100")
         _choice(self.objective, "sweep.objective", OBJECTIVES)
         _choice(self.direction, "sweep.direction", ("maximize", "minimize"))
         _require(self.workers >= 1, "sweep.workers", "must be >= 1")

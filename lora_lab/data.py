@@ -25,6 +25,7 @@ from typing import Iterable, List, Optional
 
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from lora_lab import plugins
 from lora_lab.config import DataConfig
 from lora_lab.errors import DataError
 
@@ -65,6 +66,8 @@ class Dataset:
     source: str
     token: Optional[str]
     folders: List[str] = field(default_factory=list)
+    suite: Optional[Path] = None  # the data folder's own prompt suite (eval.suite=data)
+    validation: List[Sample] = field(default_factory=list)  # held out (data.validation_split)
 
     @property
     def train(self) -> List[Sample]:
@@ -96,6 +99,9 @@ class Dataset:
         for (folder, repeats, is_reg), n in by_folder.items():
             kind = "regularization" if is_reg else "train"
             lines.append(f"  {folder}: {n} images x {repeats} repeats ({kind})")
+        if self.validation:
+            lines.append(f"  {len(self.validation)} images held out for the validation loss: "
+                         + ", ".join(s.path.name for s in self.validation))
         if self.token:
             lines.append(f"  token: {self.token}")
         return "\n".join(lines)
@@ -109,14 +115,12 @@ def load_dataset(cfg: DataConfig, cache_dir: Path) -> Dataset:
     """
     if cfg.path:
         path = Path(cfg.path).expanduser()
-    elif cfg.builtin == "toyworld":
-        from lora_lab.toyworld.world import subject_folder
-
-        path = subject_folder(Path(cache_dir))
-    else:
+    elif cfg.builtin == "demo":
         from lora_lab.demo_data import demo_folder
 
         path = demo_folder(Path(cache_dir))
+    else:  # a data set a package registers (lora_lab.plugins), e.g. the toy world's subjects
+        path = plugins.provider("data", cfg.builtin)(Path(cache_dir), cfg.subject)
     if not path.exists():
         raise DataError(f"data.path: {path} does not exist")
     if path.is_file():
@@ -142,8 +146,38 @@ def load_dataset(cfg: DataConfig, cache_dir: Path) -> Dataset:
         raise DataError(f"data.path: no training images found in {path}")
     if cfg.repeats is not None:
         samples = [_replace_repeats(s, cfg.repeats) if not s.is_reg else s for s in samples]
-    token = cfg.token or _guess_token(samples)
-    return Dataset(samples=samples, source=source, token=token, folders=folders)
+    root = path if path.is_dir() else path.parent
+    suite = root / "suite.yaml" if (root / "suite.yaml").is_file() else None
+    token = cfg.token or _suite_token(suite) or _guess_token(samples)
+    samples, validation = _split(samples, cfg)
+    return Dataset(samples=samples, source=source, token=token, folders=folders, suite=suite,
+                   validation=validation)
+
+
+def _split(samples: List[Sample], cfg: DataConfig) -> tuple[List[Sample], List[Sample]]:
+    """Hold out ``validation_split`` of the training images (kohya's meaning), chosen by seed."""
+    if not cfg.validation_split:
+        return samples, []
+    train = sorted({s.id: s for s in samples if not s.is_reg}.values(), key=lambda s: str(s.path))
+    n = max(1, round(len(train) * cfg.validation_split))
+    if n >= len(train):
+        raise DataError(f"data.validation_split: {cfg.validation_split} of {len(train)} images leaves none "
+                        "to train on; use a smaller fraction")
+    held = {s.id for s in random.Random(cfg.validation_seed).sample(train, n)}
+    return [s for s in samples if s.is_reg or s.id not in held], [s for s in train if s.id in held]
+
+
+def _suite_token(suite: Optional[Path]) -> Optional[str]:
+    """The trigger a data folder's own ``suite.yaml`` names (``token: sks person``), if any."""
+    if suite is None:
+        return None
+    import yaml
+
+    try:
+        doc = yaml.safe_load(suite.read_text(encoding="utf-8")) or {}
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise DataError(f"{suite}: not a readable suite file ({exc.__class__.__name__})") from None
+    return str(doc["token"]) if isinstance(doc, dict) and doc.get("token") else None
 
 
 def _replace_repeats(s: Sample, repeats: int) -> Sample:

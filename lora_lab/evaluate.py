@@ -94,7 +94,7 @@ def evaluate(config: Config, base: BaseModel, dataset: Dataset, lora_dir: Path, 
         scorer / suite: Reuse ones already built (a sweep worker builds them once).
     """
     e = config.eval
-    suite = suite or load_suite(e.suite, dataset.token or "").limited(e.max_prompts)
+    suite = suite or load_suite(e.suite, dataset.token or "", dataset.suite).limited(e.max_prompts)
     files = list_lora_files(lora_dir)
     if epochs is not None:
         files = [f for f in files if f[0] in epochs]
@@ -201,7 +201,7 @@ def run(config: Config) -> EvalResult:
     files = list_lora_files(lora_dir)  # fail early on a bad folder
     device = pick_device(config.device)
     dataset = load_dataset(config.data, Path(config.cache_dir))
-    load_suite(config.eval.suite, dataset.token or "")
+    load_suite(config.eval.suite, dataset.token or "", dataset.suite)
     out_dir = Path(config.eval.output_dir) if config.eval.output_dir else default_out_dir(lora_dir)
     log.info(f"evaluating {len(files)} LoRA files in {lora_dir} -> {out_dir}")
     base = load_base(config.model, Path(config.cache_dir), device)

@@ -77,7 +77,8 @@ def judge(agg: pd.DataFrame, ceiling: float, cfg: JudgeConfig) -> pd.DataFrame:
         for col in adherence_cols:
             a, a0 = cell[col], base.get(col, math.nan)
             if _ok(a) and _ok(a0) and a0 > 0 and a < (1 - cfg.adherence_drop) * a0:
-                why_over.append(f"'{col.split('::', 1)[1]}': CLIP {a:.1f} vs base {a0:.1f}")
+                why_over.append(f"the asked change fades: '{col.split('::', 1)[1]}' matches its text "
+                                f"{1 - a / a0:.0%} less than on the base model (CLIP {a:.1f} vs base {a0:.1f})")
         # A near copy is judged against what the base model already does: the cell must pass
         # copy_threshold and be at least halfway from the base model's similarity to identity.
         copy_bar = max(cfg.copy_threshold, (1 + base.copy_similarity) / 2) if _ok(base.copy_similarity) \
@@ -87,7 +88,7 @@ def judge(agg: pd.DataFrame, ceiling: float, cfg: JudgeConfig) -> pd.DataFrame:
                             f"(CLIP-I {cell.copy_similarity:.3f} >= {copy_bar:.3g}; base {base.copy_similarity:.3f})")
         d, d0 = cell.diversity, base.diversity
         if _ok(d) and _ok(d0) and d0 > 0 and d < (1 - cfg.diversity_drop) * d0:
-            why_over.append(f"diversity across seeds {d:.3f} vs base {d0:.3f}")
+            why_over.append(f"the seeds all look alike: diversity across seeds {d:.3f} vs base {d0:.3f}")
         gain = _gain(cell.likeness, base.likeness, ceiling)
         gains.append(gain)
         rate = cell.face_rate if _ok(cell.face_rate) else 1.0
@@ -104,14 +105,14 @@ def judge(agg: pd.DataFrame, ceiling: float, cfg: JudgeConfig) -> pd.DataFrame:
                             if _ok(cell.face_rate) else "likeness could not be measured"])
         elif not _ok(gain) or gain < cfg.underfit_gain:
             verdicts.append("underfit")
-            reasons.append([f"likeness {cell.likeness:.3f} is {_pct(gain)} of the way from base "
-                            f"{_fmt(base.likeness)} to the references' ceiling {ceiling:.3f} "
-                            f"(needs {cfg.underfit_gain:.0%})"])
+            reasons.append([f"too little of the subject yet: likeness {cell.likeness:.3f} is {_pct(gain)} of the way "
+                            f"from the base model ({_fmt(base.likeness)}) to the training images ({ceiling:.3f}); "
+                            f"needs {cfg.underfit_gain:.0%}"])
         else:
             verdicts.append("good")
-            reasons.append([f"likeness {cell.likeness:.3f} ({_pct(gain)} of the way to the ceiling "
-                            f"{ceiling:.3f}); adherence {_fmt(cell.adherence, 1)} vs base "
-                            f"{_fmt(base.adherence, 1)}"])
+            reasons.append([f"likeness {cell.likeness:.3f}, {_pct(gain)} of the way from the base model to the "
+                            f"training images ({ceiling:.3f}); asked changes kept: adherence "
+                            f"{_fmt(cell.adherence, 1)} vs base {_fmt(base.adherence, 1)}"])
     out["gain"] = gains
     out["combined"] = combined
     out["verdict"] = verdicts

@@ -21,6 +21,7 @@ from lora_lab.files import atomic_write_bytes, atomic_write_text
 
 FIRST = ["trial", "state", "objective", "verdict", "best_epoch", "best_strength", "likeness", "adherence"]
 LAST = ["snippet", "lora_file", "reason", "duration_s"]
+VALIDATION = ["val_loss_min", "val_loss_epoch"]  # only when the trials held images out
 
 
 def _read_json(path: Path) -> Optional[dict]:
@@ -48,6 +49,10 @@ def build(study_dir: Path) -> pd.DataFrame:
                        lora_file=best["file"])
         elif verdict is not None:
             row["verdict"] = "all overfit"
+        val = {int(k): v for k, v in (info.get("validation_loss") or {}).items()}
+        if val:
+            row["val_loss_epoch"] = min(val, key=val.get)
+            row["val_loss_min"] = val[row["val_loss_epoch"]]
         row["reason"] = info.get("reason", "")
         row["duration_s"] = info.get("duration_s")
         rows.append(row)
@@ -57,8 +62,8 @@ def build(study_dir: Path) -> pd.DataFrame:
     for col in FIRST + LAST:
         if col not in df:
             df[col] = None
-    params = [c for c in df.columns if c not in FIRST + LAST]
-    df = df[FIRST[:2] + params + FIRST[2:] + LAST]
+    params = [c for c in df.columns if c not in FIRST + LAST + VALIDATION]
+    df = df[FIRST[:2] + params + FIRST[2:] + [c for c in VALIDATION if c in df] + LAST]
     direction = (_read_json(study_dir / "study.json") or {}).get("direction", "maximize")
     done = df.state == "complete"
     order = df[done].sort_values("objective", ascending=direction == "minimize", na_position="last")
@@ -80,6 +85,30 @@ def notes(study_dir: Path) -> list:
             if note not in seen and not note.startswith("references:"):
                 seen.append(note)
     return seen
+
+
+def verdict_text(study_dir: Path) -> str:
+    """How many epoch x strength cells of the finished trials are underfit, good and overfit,
+    with one example reason of each (the overfit one first: it is what a user must avoid)."""
+    counts = {"underfit": 0, "good": 0, "overfit": 0}
+    examples: dict = {}
+    for path in sorted(Path(study_dir).glob("trial_*/verdict.json"), key=lambda p: int(p.parent.name.split("_")[1])):
+        for cell in (_read_json(path) or {}).get("cells", []):
+            v = cell.get("verdict")
+            if v not in counts:
+                continue
+            counts[v] += 1
+            examples.setdefault(v, (path.parent.name, cell))
+    if not sum(counts.values()):
+        return "no evaluated cells yet"
+    lines = ["cells (epoch x strength): " + ", ".join(f"{n} {v}" for v, n in counts.items())]
+    for v in ("overfit", "underfit", "good"):
+        if v in examples:
+            trial, cell = examples[v]
+            reasons = cell.get("reasons") or []
+            why = "; ".join(reasons) if isinstance(reasons, list) else str(reasons)
+            lines.append(f"  {v}, e.g. {trial} epoch {int(cell['epoch'])} at strength {cell['strength']:g}: {why}")
+    return "\n".join(lines)
 
 
 def best(table: pd.DataFrame) -> Optional[pd.Series]:

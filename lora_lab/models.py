@@ -16,7 +16,8 @@ from pathlib import Path
 import torch
 
 from lora_lab.builtin import preset_folder, tiny_folder
-from lora_lab.config import ModelConfig
+from lora_lab import plugins
+from lora_lab.config import BUILTIN_MODELS, ModelConfig
 from lora_lab.errors import ConfigError, ModelError
 
 log = logging.getLogger(__name__)
@@ -69,12 +70,10 @@ def resolve_source(cfg: ModelConfig, cache_dir: Path) -> tuple[str, str]:
     Raises:
         ModelError: for a pickle checkpoint, a missing path, or an unrecognised folder.
     """
-    if not cfg.pretrained and cfg.builtin == "toyworld":
-        from lora_lab.toyworld.assets import model_folder
-
-        return "folder", str(model_folder(cache_dir))
-    if not cfg.pretrained:
+    if not cfg.pretrained and cfg.builtin in BUILTIN_MODELS:
         return "folder", str(tiny_folder(cache_dir, cfg.builtin))
+    if not cfg.pretrained:  # a model a package registers (lora_lab.plugins), e.g. the toy world's
+        return "folder", str(plugins.provider("model", cfg.builtin)(cache_dir))
     raw = cfg.pretrained
     path = Path(raw).expanduser()
     if path.suffix.lower() in PICKLE_SUFFIXES:

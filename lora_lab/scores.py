@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from lora_lab import plugins
 from lora_lab.config import ClipScorerConfig, FaceScorerConfig
 from lora_lab.errors import ConfigError
 
@@ -91,17 +92,12 @@ def _safe_state_dict(path: Path) -> dict:
     return torch.load(str(path), map_location="cpu", weights_only=True)
 
 
-def _shipped_clip(cfg: ClipScorerConfig) -> Optional[Path]:
-    """Weights that ship with lora_lab: the toy world's CLIP (``lora-lab-toyworld-clip`` with
-    pretrained ``lora_lab``)."""
-    from lora_lab.toyworld import assets, nets
-
-    if cfg.pretrained != assets.CLIP_TAG:
+def _registered_clip(cfg: ClipScorerConfig) -> Optional[Path]:
+    """Weights a package registers under a tag (lora_lab.plugins), e.g. ``toyworld`` for the
+    toy world's ``lora-lab-toyworld-clip``: a local file like any other."""
+    if cfg.pretrained not in plugins.names("clip"):
         return None
-    if cfg.model != nets.CLIP_NAME:
-        raise ConfigError(f"eval.clip.pretrained: {assets.CLIP_TAG!r} weights exist only for {nets.CLIP_NAME}, "
-                          f"not {cfg.model!r}")
-    return assets.clip_checkpoint()
+    return Path(plugins.provider("clip", cfg.pretrained)(cfg.model))
 
 
 class ClipEmbedder:
@@ -117,7 +113,7 @@ class ClipEmbedder:
         self.device = device
         self.name = cfg.model
         self.random, pretrained = True, None
-        shipped = _shipped_clip(cfg)
+        shipped = _registered_clip(cfg)
         if shipped:
             pretrained = str(shipped)
         elif cfg.pretrained:

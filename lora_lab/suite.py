@@ -48,23 +48,34 @@ class Suite:
         return Suite(self.name, self.kind, keep, self.negative_prompt)
 
 
-def load_suite(name_or_path: str, token: str) -> Suite:
-    """Read a suite by name (``eval/<name>.yaml``) or path and fill in the token.
+DATA = "data"  # eval.suite=data: the suite.yaml that came with the data set
+
+
+def load_suite(name_or_path: str, token: str, data_suite: Optional[Path] = None) -> Suite:
+    """Read a suite by name (``eval/<name>.yaml``), by path, or ``data`` (the data folder's own
+    ``suite.yaml``, given as ``data_suite``) and fill in the token.
 
     Raises:
         ConfigError: naming the file and the problem (unknown suite, missing ``{token}`` ...).
     """
     path = Path(name_or_path)
-    if path.suffix not in (".yaml", ".yml"):
+    if name_or_path == DATA:
+        if data_suite is None:
+            raise ConfigError("eval.suite: 'data' uses the suite.yaml inside the data folder, and this data "
+                              "set has none; name a suite (person, object, style) or a suite file")
+        path = Path(data_suite)
+    elif path.suffix not in (".yaml", ".yml"):
         path = SUITES_DIR / f"{name_or_path}.yaml"
     if not path.is_file():
         known = ", ".join(sorted(p.stem for p in SUITES_DIR.glob("*.yaml")))
-        raise ConfigError(f"eval.suite: {name_or_path!r} is not a suite file; built-in suites: {known}")
+        raise ConfigError(f"eval.suite: {name_or_path!r} is not a suite file; built-in suites: {known}, "
+                          f"or '{DATA}' for the data folder's own suite.yaml")
     try:
         doc = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as exc:
         raise ConfigError(f"eval suite {path}: not valid YAML ({exc})") from None
     kind = doc.get("kind")
+    token = token or doc.get("token")
     if kind not in KINDS:
         raise ConfigError(f"eval suite {path}: kind must be one of {', '.join(KINDS)}, got {kind!r}")
     if not token:

@@ -127,8 +127,8 @@ class _Worker:
         self.dataset(config)
         started = time.time()
         self.base = load_base(config.model, self.cache_dir, self.device)
-        token = self.dataset(config).token or ""
-        self.suite = load_suite(config.eval.suite, token)
+        dataset = self.dataset(config)
+        self.suite = load_suite(config.eval.suite, dataset.token or "", dataset.suite)
         self.scorer = Scorer(self.suite.kind, config.eval.face, config.eval.clip, self.device)
         self.base_renders: Dict[tuple, list] = {}  # base-model images shared by this worker's trials
         log.info(f"worker {os.getpid()}: loaded {self.base.source} and scorers in {time.time() - started:.1f}s")
@@ -154,9 +154,12 @@ class _Worker:
         atomic_write_text(tdir / "config.yaml", to_yaml(cfg))
         dataset = self.dataset(cfg)
         pruned_at: Dict[str, Any] = {}
+        check = sweep.prune_eval
         cheap = replace(cfg, eval=replace(
-            cfg.eval, max_prompts=sweep.prune_eval.max_prompts, seeds=list(sweep.prune_eval.seeds),
-            strengths=list(sweep.prune_eval.strengths), steps=sweep.prune_eval.steps or cfg.eval.steps))
+            cfg.eval, max_prompts=check.max_prompts,
+            seeds=list(check.seeds) if check.seeds else list(cfg.eval.seeds)[: check.n_seeds],
+            strengths=list(check.strengths) if check.strengths else list(cfg.eval.strengths),
+            steps=check.steps or cfg.eval.steps))
 
         def on_epoch(epoch: int, path: Path, loss: float) -> bool:
             if sweep.pruner == "none" or epoch == cfg.train.epochs:
@@ -174,8 +177,10 @@ class _Worker:
 
         result = train(cfg, self.base, dataset, tdir, on_epoch=on_epoch, cache_dir=self.cache_dir)
         if result.stopped_early:
-            reason = (f"pruned after epoch {pruned_at['epoch']}: {sweep.objective} {pruned_at['value']:.4g} "
-                      "below the median of earlier trials")
+            bar = "median" if sweep.pruner == "median" else f"{sweep.pruner_percentile:g}th percentile"
+            reason = (f"pruned after epoch {pruned_at['epoch']}: its per-epoch check ({len(cheap.eval.seeds)} seeds, "
+                      f"strengths {', '.join(f'{x:g}' for x in cheap.eval.strengths)}) scored {sweep.objective} "
+                      f"{pruned_at['value']:.4g}, below the {bar} of earlier trials at that epoch")
             return PRUNED, None, {"reason": reason, "pruned_at_epoch": pruned_at["epoch"]}
         ev = evaluate(cfg, self.base, dataset, tdir / "lora", tdir, scorer=self.scorer,
                       suite=self.suite.limited(cfg.eval.max_prompts), progress=False, tb_dir=tdir / "tb",
@@ -191,7 +196,10 @@ class _Worker:
                                           "best_epoch": best.get("epoch"), "best_strength": best.get("strength")})
         reason = "; ".join(ev.verdict["best"]["reasons"]) if ev.verdict["best"] else \
             "every LoRA cell is overfit: objective set to 0"
-        return COMPLETE, value, {"reason": reason, "timing": timing}
+        fields = {"reason": reason, "timing": timing}
+        if result.validation_loss:
+            fields["validation_loss"] = {str(k): round(v, 6) for k, v in result.validation_loss.items()}
+        return COMPLETE, value, fields
 
 
 def _write_trial(tdir: Path, **fields) -> None:
@@ -259,8 +267,27 @@ def _study(sweep, study_dir: Path):
         sampler = optuna.samplers.TPESampler(seed=sweep.seed)
     else:
         sampler = optuna.samplers.RandomSampler(seed=sweep.seed)
-    pruner = optuna.pruners.NopPruner() if sweep.pruner == "none" else \
-        optuna.pruners.MedianPruner(n_startup_trials=sweep.pruner_startup_trials, n_warmup_steps=0)
+    return optuna.create_study(study_name=sweep.name, storage=_storage(sweep, study_dir), sampler=sampler,
+                               pruner=make_pruner(sweep), direction=sweep.direction, load_if_exists=True)
+
+
+def make_pruner(sweep):
+    """Optuna's pruner for ``sweep.pruner`` (steps are epochs), with warm-up and patience."""
+    import optuna
+
+    if sweep.pruner == "none":
+        return optuna.pruners.NopPruner()
+    if sweep.pruner == "median":
+        pruner = optuna.pruners.MedianPruner(n_startup_trials=sweep.pruner_startup_trials,
+                                             n_warmup_steps=sweep.pruner_warmup_epochs)
+    else:
+        pruner = optuna.pruners.PercentilePruner(sweep.pruner_percentile, n_startup_trials=sweep.pruner_startup_trials,
+                                                 n_warmup_steps=sweep.pruner_warmup_epochs)
+    if sweep.pruner_patience:
+        with warnings.catch_warnings():  # PatientPruner is marked experimental (Optuna 2.8+)
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            pruner = optuna.pruners.PatientPruner(pruner, patience=sweep.pruner_patience)
+    return pruner
     return optuna.create_study(study_name=sweep.name, storage=_storage(sweep, study_dir), sampler=sampler,
                                pruner=pruner, direction=sweep.direction, load_if_exists=True)
 
@@ -469,7 +496,7 @@ def _check_inputs(config: Config) -> None:
     from lora_lab.train import check_environment
 
     dataset = load_dataset(config.data, Path(config.cache_dir))
-    load_suite(config.eval.suite, dataset.token or "")
+    load_suite(config.eval.suite, dataset.token or "", dataset.suite)
     if config.model.pretrained:
         resolve_source(config.model, Path(config.cache_dir))
     device = pick_device(config.device)
@@ -533,6 +560,7 @@ def run(config: Config) -> "leaderboard.pd.DataFrame":
     table = leaderboard.build(study_dir)
     leaderboard.save(study_dir, table)
     log.info(leaderboard.render_text(table))
+    log.info(leaderboard.verdict_text(study_dir))
     log.info(leaderboard.best_text(table))
     for note in leaderboard.notes(study_dir):
         log.info(f"note: {note}")

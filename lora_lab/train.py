@@ -26,6 +26,7 @@ from lora_lab.config import ADAPTIVE_OPTIMIZERS, Config, TrainConfig, to_yaml
 from lora_lab.data import Dataset, batches, epoch_order, load_dataset, shuffle_caption
 from lora_lab.errors import LoraLabError, TrainingError
 from lora_lab.models import BaseModel, load_base, module_fingerprint, pick_device
+from lora_lab.validation import ValidationLoss
 from lora_lab.versions import versions
 
 log = logging.getLogger(__name__)
@@ -47,6 +48,7 @@ class TrainResult:
     setup_s: float = 0.0  # from train() to the first step: adapters, optimizer, cache look-ups
     train_s: float = 0.0  # the loop itself, without the per-epoch callbacks
     callback_s: float = 0.0
+    validation_loss: Dict[int, float] = field(default_factory=dict)  # epoch -> held-out loss
 
 
 def check_environment(cfg: TrainConfig, device: torch.device) -> None:
@@ -219,6 +221,9 @@ def train(config: Config, base: BaseModel, dataset: Dataset, output_dir: Path,
     entered = time.perf_counter()
     latent_params = cache.cache_latents(dataset.samples, vae, resolution, module_fingerprint(vae), cache_root) \
         if t.cache_latents else None
+    validation = ValidationLoss(dataset.validation, cache.cache_latents(
+        dataset.validation, vae, resolution, module_fingerprint(vae), cache_root), base,
+        config.data.validation_seed) if dataset.validation else None
     online_text = not t.cache_text_embeddings or t.trains_text_encoder or \
         any(s.shuffle_caption for s in dataset.samples)
     text_cache = {} if online_text else cache.cache_text(
@@ -247,7 +252,7 @@ def train(config: Config, base: BaseModel, dataset: Dataset, output_dir: Path,
         )
         return _loop(config, base, dataset, output_dir, on_epoch, accelerator, optimizer, lr_scheduler,
                      latent_params, text_cache, online_text, unet_params + te_params, per_epoch,
-                     max_steps, warmup, DiagonalGaussianDistribution, SummaryWriter, entered)
+                     max_steps, warmup, DiagonalGaussianDistribution, SummaryWriter, entered, validation)
     finally:
         if t.gradient_checkpointing:
             unet.disable_gradient_checkpointing()
@@ -258,7 +263,7 @@ def train(config: Config, base: BaseModel, dataset: Dataset, output_dir: Path,
 
 def _loop(config, base, dataset, output_dir, on_epoch, accelerator, optimizer, lr_scheduler,
           latent_params, text_cache, online_text, params, per_epoch, max_steps, warmup,
-          Gaussian, SummaryWriter, entered: float) -> TrainResult:
+          Gaussian, SummaryWriter, entered: float, validation=None) -> TrainResult:
     t = config.train
     device = base.device
     unet, vae, text_encoder, tokenizer = base.unet, base.vae, base.text_encoder, base.tokenizer
@@ -349,6 +354,9 @@ def _loop(config, base, dataset, output_dir, on_epoch, accelerator, optimizer, l
                     progress.set_postfix(epoch=f"{epoch}/{t.epochs}", loss=f"{avg:.4f}", lr=f"{lrs[0]:.2e}")
             epoch_loss = sum(epoch_losses) / len(epoch_losses)
             writer.add_scalar("loss/epoch", epoch_loss, epoch)
+            if validation is not None:
+                result.validation_loss[epoch] = validation(t.clip_skip)
+                writer.add_scalar("loss/validation", result.validation_loss[epoch], epoch)
             result.steps, result.epochs_done, result.final_loss = step, epoch, epoch_loss
             last = epoch == t.epochs
             if last or epoch % t.save_every_n_epochs == 0:

@@ -30,9 +30,10 @@ def test_every_group_option_composes(group, option):
 
 def test_default_is_the_toy_world_with_its_own_clip():
     cfg = compose()
-    assert cfg.model.builtin == "toyworld" and cfg.data.builtin == "toyworld" and cfg.data.token == "sks person"
-    assert cfg.resolution == 32 and cfg.eval.suite == "toyworld"
-    assert cfg.eval.clip.model == "lora-lab-toyworld-clip" and cfg.eval.clip.pretrained == "lora_lab"
+    assert cfg.model.builtin == "toyworld" and cfg.data.builtin == "toyworld" and cfg.data.subject == "mox"
+    assert cfg.data.token is None  # the subject's folder brings it (its suite.yaml)
+    assert cfg.resolution == 32 and cfg.eval.suite == "data"
+    assert cfg.eval.clip.model == "lora-lab-toyworld-clip" and cfg.eval.clip.pretrained == "toyworld"
     assert compose(["train.epochs=7"]).train.epochs == 7  # the command line still wins
 
 
@@ -95,5 +96,7 @@ def test_adaptive_optimizer_warnings():
     text = "\n".join(cfg.train.warnings())
     assert "expects train.learning_rate about 1.0" in text
     assert "expects a constant schedule" in text
-    assert compose(["train.optimizer=prodigy", "train.learning_rate=1.0"]).train.warnings() == []
+    assert compose(["train.optimizer=prodigy", "train.learning_rate=1.0", "train.text_encoder_lr=1.0"]).train.warnings() == []
+    assert "expects train.text_encoder_lr about 1.0 (got 0.001)" in "\n".join(
+        compose(["train.optimizer=prodigy", "train.learning_rate=1.0"]).train.warnings())  # the toy world trains it
     assert compose().train.warnings() == []

@@ -34,12 +34,16 @@ def test_verdicts_and_reasons():
     v = {(r.epoch, r.strength): r for r in judged.itertuples()}
     assert v[(1, 0.0)].verdict == "base"
     assert v[(1, 1.0)].verdict == "underfit"
-    assert "likeness 0.250 is 8% of the way from base 0.200 to the references' ceiling 0.800" in v[(1, 1.0)].reasons[0]
+    assert v[(1, 1.0)].reasons == ["too little of the subject yet: likeness 0.250 is 8% of the way from the base "
+                                   "model (0.200) to the training images (0.800); needs 30%"]
     assert v[(2, 0.7)].verdict == "good" and math.isclose(v[(2, 0.7)].gain, 0.4 / 0.6)
     assert v[(2, 1.0)].verdict == "overfit"
-    assert v[(2, 1.0)].reasons == ["'photo of sks with red hair': CLIP 21.3 vs base 28.9"]
+    assert v[(2, 1.0)].reasons == ["the asked change fades: 'photo of sks with red hair' matches its text 26% less "
+                                   "than on the base model (CLIP 21.3 vs base 28.9)"]
+    assert v[(2, 0.7)].reasons[0].startswith("likeness 0.600, 67% of the way from the base model to the training "
+                                             "images (0.800); asked changes kept: adherence 27.5 vs base 28.9")
     assert v[(3, 1.0)].verdict == "overfit" and "nearly copies training image 07.png (CLIP-I 0.970" in v[(3, 1.0)].reasons[0]
-    assert v[(3, 0.5)].reasons == ["diversity across seeds 0.050 vs base 0.300"]
+    assert v[(3, 0.5)].reasons == ["the seeds all look alike: diversity across seeds 0.050 vs base 0.300"]
 
 
 def test_thresholds_are_config_values():

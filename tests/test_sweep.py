@@ -30,7 +30,7 @@ def test_every_sweep_file_composes_with_real_config_paths(name, tmp_path):
     cfg = compose([f"+sweep={name}"])
     sweep.check_keys(cfg)
     assert cfg.sweep.name == name
-    expected = {"scheduler": 3, "optimizer": 5, "rank_alpha": 3, "repeats": 3, "smoke": 2, "truth": 6}
+    expected = {"scheduler": 3, "optimizer": 5, "rank_alpha": 3, "repeats": 3, "smoke": 2, "truth": 4}
     if cfg.sweep.sampler == "grid":
         assert cfg.sweep.grid_size() == expected[name]
     # Every trial's config is valid (the grid's combinations build and validate).
@@ -57,14 +57,14 @@ def test_bad_sweep_keys_are_named_with_a_suggestion():
 
 
 def test_a_table_on_the_command_line_replaces_the_sweep_files_table():
-    # A key the sweep file never named (truth.yaml varies rank and learning rate only).
-    cfg = compose(["+sweep=truth", "sweep.grid={train.text_encoder_lr:[1e-3,3e-3]}",
+    # A key the sweep file never named (scheduler.yaml varies the schedule only).
+    cfg = compose(["+sweep=scheduler", "sweep.grid={train.text_encoder_lr:[1e-3,3e-3]}",
                    "sweep.fixed={train.epochs:8,data.repeats:20}"])
     assert cfg.sweep.grid == {"train.text_encoder_lr": [1e-3, 3e-3]}
     assert cfg.sweep.fixed == {"train.epochs": 8, "data.repeats": 20}
     assert cfg.sweep.grid_size() == 2
-    merged = compose(["+sweep=truth", "++sweep.grid={train.text_encoder_lr:[1e-3]}"])  # ++ merges
-    assert set(merged.sweep.grid) == {"train.network_dim", "train.learning_rate", "train.text_encoder_lr"}
+    merged = compose(["+sweep=scheduler", "++sweep.grid={train.text_encoder_lr:[1e-3]}"])  # ++ merges
+    assert set(merged.sweep.grid) == {"train.lr_scheduler", "train.text_encoder_lr"}
     wrong = compose(["+sweep=truth", "sweep.grid={train.text_encoder_rl:[1e-3]}"])
     with pytest.raises(ConfigError, match=r"'train.text_encoder_rl' is not a config path .*did you mean train.text_encoder_lr"):
         sweep.check_keys(wrong)
@@ -147,12 +147,51 @@ def test_pruning_stops_hopeless_trials(tmp_path, cache_dir, demo_dir, monkeypatc
     values = iter([5.0, 5.0, 1.0, 1.0, 1.0])  # trial 0: epochs 1-2 and final; trial 1 per epoch
     monkeypatch.setattr(sweep, "_objective_value", lambda *a: next(values))
     cfg = _cfg(tmp_path, cache_dir, "sweep.pruner=median", "sweep.pruner_startup_trials=1",
-               "sweep.fixed={train.epochs:3,train.resolution:32,data.repeats:1}")
+               "sweep.pruner_warmup_epochs=0", "sweep.fixed={train.epochs:3,train.resolution:32,data.repeats:1}")
     table = sweep.run(cfg).sort_values("trial")
     assert list(table.state) == ["complete", "pruned"]
-    assert table.iloc[1].reason.startswith("pruned after epoch 1: combined 1 below the median")
+    assert table.iloc[1].reason.startswith("pruned after epoch 1: its per-epoch check (")
+    assert "scored combined 1, below the median of earlier trials at that epoch" in table.iloc[1].reason
     pruned_dir = tmp_path / "smoke" / "trial_1" / "lora"
     assert sorted(p.name for p in pruned_dir.iterdir()) == ["smoke_trial_1-000001.safetensors"]
+
+
+def test_the_pruners_check_uses_several_prompts_seeds_and_the_objectives_strengths(tmp_path, cache_dir, demo_dir,
+                                                                                  monkeypatch):
+    from lora_lab import evaluate as evaluate_mod
+
+    seen = []
+    real = evaluate_mod.evaluate
+
+    def spy(config, base, dataset, lora_dir, out_dir, **kw):
+        if kw.get("epochs") is not None:  # the per-epoch check
+            seen.append((list(config.eval.seeds), list(config.eval.strengths), kw["suite"]))
+        return real(config, base, dataset, lora_dir, out_dir, **kw)
+
+    monkeypatch.setattr(evaluate_mod, "evaluate", spy)
+    cfg = _cfg(tmp_path, cache_dir, "sweep.pruner=percentile", "sweep.grid={train.network_dim:[2]}",
+               "eval.seeds=[1,2,3]", "eval.strengths=[0,0.5,1]",
+               "sweep.fixed={train.epochs:2,train.resolution:32,data.repeats:1}")
+    sweep.run(cfg)
+    assert len(seen) == 1  # epoch 1 of 2 (the last epoch gets the full evaluation instead)
+    seeds, strengths, suite = seen[0]
+    assert seeds == [1, 2] and strengths == [0.0, 0.5, 1.0]
+    kinds = [p.kind for p in suite.prompts]
+    assert kinds.count("likeness") == 2 and kinds.count("adaptability") == 2
+
+
+def test_pruner_settings_build_optunas_pruners():
+    import optuna
+
+    cfg = compose(["+sweep=smoke", "sweep.pruner=percentile", "sweep.pruner_percentile=30",
+                   "sweep.pruner_warmup_epochs=2", "sweep.pruner_patience=1"])
+    pruner = sweep.make_pruner(cfg.sweep)
+    assert isinstance(pruner, optuna.pruners.PatientPruner)
+    inner = pruner._wrapped_pruner
+    assert isinstance(inner, optuna.pruners.PercentilePruner)
+    assert inner._percentile == 30 and inner._n_warmup_steps == 2
+    with pytest.raises(ConfigError, match="sweep.pruner_percentile"):
+        compose(["+sweep=smoke", "sweep.pruner_percentile=100"])
 
 
 def test_lora_is_fully_removed_between_trials(tmp_path, cache_dir, demo_dir):
@@ -232,3 +271,17 @@ def test_best_line_names_a_whole_epoch_beside_a_pruned_trial():
                           "likeness": [0.5, None], "adherence": [50.0, None], "snippet": ["<lora:s_trial_1:1>", None],
                           "lora_file": ["s_trial_1.safetensors", None], "reason": ["", "pruned"], "duration_s": [60, 5]})
     assert leaderboard.best_text(table).splitlines()[0] == "best: trial 1, epoch 4 at strength 1"
+
+
+def test_the_sweeps_last_lines_count_the_verdicts_with_an_example_reason(tmp_path):
+    cells = [{"epoch": 1, "strength": 0.0, "verdict": "base", "reasons": ["the base model"]},
+             {"epoch": 1, "strength": 0.5, "verdict": "underfit", "reasons": ["too little of the subject yet"]},
+             {"epoch": 2, "strength": 1.0, "verdict": "good", "reasons": ["likeness 0.8"]},
+             {"epoch": 3, "strength": 1.5, "verdict": "overfit", "reasons": ["the asked change fades: 'x'"]}]
+    for n in (0, 1):
+        (tmp_path / f"trial_{n}").mkdir()
+        (tmp_path / f"trial_{n}" / "verdict.json").write_text(json.dumps({"cells": cells}))
+    text = leaderboard.verdict_text(tmp_path).splitlines()
+    assert text[0] == "cells (epoch x strength): 2 underfit, 2 good, 2 overfit"
+    assert text[1] == "  overfit, e.g. trial_0 epoch 3 at strength 1.5: the asked change fades: 'x'"
+    assert text[2].startswith("  underfit, e.g. trial_0 epoch 1 at strength 0.5: too little")

@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from lora_lab.config import ClipScorerConfig, JudgeConfig, ModelConfig
-from lora_lab.toyworld import assets, nets, pretrain, quality, truth, world
+from lora_lab.toyworld import assets, nets, pretrain, quality, subjects, truth, world
 
 
 def test_text_encoder_conversion_gives_the_same_hidden_states():
@@ -200,11 +200,12 @@ def test_ranking_captions_change_one_attribute_each_and_say_which():
 
 
 def test_prompts_map_to_the_attribute_they_ask_for():
-    assert truth.asked("photo of sks with red hair") == ("hair_colour", "red")
-    assert truth.asked("photo of sks, on a navy background") == ("background", "navy")
-    assert truth.asked("photo of sks") is None
+    sks = subjects.load("sks")
+    assert sks.asked("photo of sks person with red hair") == ("hair_colour", "red")
+    assert sks.asked("photo of sks person, on a navy background") == ("background", "navy")
+    assert sks.asked("photo of sks person") is None
     assert truth.identity_match({"hair_colour": "purple", "hair_style": "spiky", "eye_colour": "blue",
-                                 "mark": "star"}) == 0.75
+                                 "mark": "star"}, sks.identity) == 0.75
 
 
 # The shipped weights (made by `python -m lora_lab.toyworld.pretrain`; tests never retrain them).

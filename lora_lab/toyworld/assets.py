@@ -22,7 +22,7 @@ from lora_lab.toyworld import nets
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 WEIGHTS_ENV = "LORA_LAB_TOYWORLD_WEIGHTS"
-CLIP_TAG = "lora_lab"
+CLIP_TAG = "toyworld"  # the name provide.clip_weights is registered under
 
 
 def weights_dir() -> Path:

@@ -3,10 +3,12 @@
 The true measurements replace CLIP's in the same rules the judge uses (``eval.judge``):
 
 - true likeness of a cell: on its likeness images, the share of the subject's identity
-  attributes (purple hair, spiky style, green eyes, star mark) that the read-out sees; the
-  ceiling is the same share on the training drawings, the baseline the strength-0 cell;
+  attributes (its subject file's ``identity``: for ``sks`` purple hair, spiky style, green
+  eyes, star mark) that the read-out sees; the ceiling is the same share on the training
+  drawings, the baseline the strength-0 cell;
 - true adherence to an adaptability prompt: the share of its images that show what it asks
-  (``with red hair`` -> hair colour red ...), against the base model's share;
+  (the subject file's ``asks``: ``with red hair`` -> hair colour red ...), against the base
+  model's share;
 - true verdict: overfit when a prompt's true adherence falls more than ``adherence_drop``
   below the base model's; else underfit when the true likeness gain is under
   ``underfit_gain``; else good. The true combined score ranks the cells.
@@ -25,45 +27,32 @@ from PIL import Image
 
 from lora_lab.config import JudgeConfig
 from lora_lab.toyworld import assets
+from lora_lab.toyworld.subjects import Subject
 
-IDENTITY = {"hair_colour": "purple", "hair_style": "spiky", "eye_colour": "green", "mark": "star"}
-ASKS = {"with red hair": ("hair_colour", "red"), "with blue eyes": ("eye_colour", "blue"),
-        "on a navy background": ("background", "navy"), "with black hair": ("hair_colour", "black"),
-        "with brown eyes": ("eye_colour", "brown"), "wearing a hat": ("hat", True),
-        "wearing glasses": ("glasses", True), "on a yellow background": ("background", "yellow")}
 CELL = ["epoch", "label", "strength"]
 
 
-def asked(prompt: str) -> Optional[Tuple[str, object]]:
-    """What an adaptability prompt asks for, as (attribute, value); None if nothing known."""
-    for phrase, want in ASKS.items():
-        if phrase in prompt:
-            return want
-    return None
+def identity_match(seen: dict, identity: Dict[str, object]) -> float:
+    return sum(seen[k] == v for k, v in identity.items()) / len(identity)
 
 
-def identity_match(seen: dict) -> float:
-    return sum(seen[k] == v for k, v in IDENTITY.items()) / len(IDENTITY)
-
-
-def read_scores(scores: pd.DataFrame, readout, root: Path) -> pd.DataFrame:
+def read_scores(scores: pd.DataFrame, readout, root: Path, subject: Subject) -> pd.DataFrame:
     """``scores`` (one row per image, as ``scores.csv``) plus the read-out's view of each image."""
     paths = [_resolve(p, root) for p in scores.image]
     seen: List[dict] = []
     for i in range(0, len(paths), 64):
         seen += assets.read(readout, [Image.open(p).convert("RGB") for p in paths[i : i + 64]])
     out = scores.copy()
-    out["identity"] = [identity_match(s) for s in seen]
-    for name, value in IDENTITY.items():  # which parts of the identity show, one by one
+    out["identity"] = [identity_match(s, subject.identity) for s in seen]
+    for name, value in subject.identity.items():  # which parts of the identity show, one by one
         out[f"shows_{name}"] = [float(s[name] == value) for s in seen]
-    out["asked_shown"] = [_shown(prompt, s) for prompt, s in zip(out.prompt, seen)]
+    out["asked_shown"] = [_shown(subject.asked(prompt), s) for prompt, s in zip(out.prompt, seen)]
     for name in ("hair_colour", "eye_colour", "background"):
         out[f"read_{name}"] = [s[name] for s in seen]
     return out
 
 
-def _shown(prompt: str, seen: dict) -> float:
-    want = asked(prompt)
+def _shown(want: Optional[Tuple[str, object]], seen: dict) -> float:
     return math.nan if want is None else float(seen[want[0]] == want[1])
 
 
@@ -72,9 +61,9 @@ def _resolve(path: str, root: Path) -> Path:
     return p if p.is_absolute() or p.exists() else Path(root) / p
 
 
-def ceiling(readout, reference_images: Sequence[Path]) -> float:
+def ceiling(readout, reference_images: Sequence[Path], subject: Subject) -> float:
     seen = assets.read(readout, [Image.open(p).convert("RGB") for p in reference_images])
-    return sum(identity_match(s) for s in seen) / len(seen)
+    return sum(identity_match(s, subject.identity) for s in seen) / len(seen)
 
 
 def truth_cells(read: pd.DataFrame, top: float, cfg: JudgeConfig) -> pd.DataFrame:
@@ -84,7 +73,7 @@ def truth_cells(read: pd.DataFrame, top: float, cfg: JudgeConfig) -> pd.DataFram
         like = g[g.prompt_kind == "likeness"]
         adapt = g[(g.prompt_kind == "adaptability") & g.asked_shown.notna()]
         row = {"epoch": epoch, "label": label, "strength": strength, "true_likeness": like.identity.mean()}
-        row.update({f"shows_{name}": like[f"shows_{name}"].mean() for name in IDENTITY if f"shows_{name}" in like})
+        row.update({c: like[c].mean() for c in like.columns if c.startswith("shows_")})
         for prompt, pg in adapt.groupby("prompt", sort=False):
             row[f"true_adherence::{prompt}"] = pg.asked_shown.mean()
         row["true_adherence"] = adapt.asked_shown.mean() if len(adapt) else math.nan

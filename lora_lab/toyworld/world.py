@@ -65,7 +65,8 @@ SUBJECT = Attributes(hair_colour="purple", hair_style="spiky", eye_colour="green
 
 
 def is_subject_identity(a: Attributes) -> bool:
-    """The subject's identity: purple spiky hair, green eyes and a star on the cheek."""
+    """The first subject's identity (``subjects/sks.yaml``): purple spiky hair, green eyes and a
+    star on the cheek; the pretraining world never draws it."""
     return (a.hair_colour, a.hair_style, a.eye_colour, a.mark) == ("purple", "spiky", "green", "star")
 
 
@@ -81,18 +82,6 @@ def sample(rng: random.Random) -> Attributes:
         )
         if not is_subject_identity(a):
             return a
-
-
-def subject_variants(n: int, seed: int = 0) -> List[Attributes]:
-    """The subject in ``n`` varied drawings: backgrounds, accessories and pose change; the
-    identity (hair, eyes, mark, skin, face) does not."""
-    rng = random.Random(seed)
-    out = []
-    for i in range(n):
-        out.append(replace(SUBJECT, background=list(BACKGROUNDS)[i % len(BACKGROUNDS)],
-                           pattern=rng.choice(PATTERNS), glasses=rng.random() < 0.25, hat=rng.random() < 0.2,
-                           earrings=rng.random() < 0.25, dx=rng.randint(-3, 3), dy=rng.randint(-2, 2)))
-    return out
 
 
 def caption(a: Attributes, token: str = "") -> str:
@@ -179,27 +168,7 @@ def draw(a: Attributes, size: int = 64) -> Image.Image:
     return im.resize((size, size), Image.LANCZOS)
 
 
-SUBJECT_TOKEN = "sks person"  # kohya class tokens: the name and the class
-SUBJECT_FOLDER = f"10_{SUBJECT_TOKEN}"
-SUBJECT_IMAGES = 16
 SIZE = 32  # the toy world's models work at 32 px
-
-
-def subject_folder(cache_dir) -> Path:
-    """A kohya parent folder ``10_sks person/`` with the subject in 16 drawings of :data:`SIZE`
-    px, captioned kohya-style (``photo of sks person, wearing glasses, on a cyan background``);
-    written once under ``cache_dir/toyworld-v5``."""
-    from lora_lab.files import publish_dir
-
-    def build(tmp: Path) -> None:
-        folder = tmp / SUBJECT_FOLDER
-        folder.mkdir()
-        for i, a in enumerate(subject_variants(SUBJECT_IMAGES, seed=0)):
-            draw(a, SIZE).save(folder / f"{i:02d}.png")
-            (folder / f"{i:02d}.txt").write_text(caption(a, SUBJECT_TOKEN) + "\n", encoding="utf-8")
-
-    return publish_dir(Path(cache_dir) / "toyworld-v5", build, SUBJECT_FOLDER)
-
 
 # Caption parts that a prompt may name or leave out (pretraining shows the model both).
 FIELDS = ("hair", "eyes", "mark", "wearing", "background")

@@ -1,0 +1,81 @@
+"""The truth benchmark: its figures from constructed cells, its pruner replay, and a small real run."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pandas as pd
+import pytest
+
+from lora_lab.toyworld import truthbench
+
+
+def test_wilson_interval_matches_the_textbook_values():
+    assert truthbench.wilson(8, 10) == pytest.approx([0.4902, 0.9433], abs=1e-4)
+    assert truthbench.wilson(0, 10)[0] == 0.0 and truthbench.wilson(10, 10)[1] == 1.0
+    assert truthbench.wilson(0, 0) == [None, None]
+
+
+def test_figures_count_recall_precision_and_picks():
+    cells = pd.DataFrame({"true_verdict": ["underfit", "underfit", "good", "good", "overfit", "overfit"],
+                          "verdict": ["underfit", "good", "good", "good", "overfit", "good"]})
+    picks = [{"rank": 1}, {"rank": 4}, {"rank": None}]
+    f = truthbench.figures(cells, picks)
+    assert f["count"] == {"underfit": 2, "good": 2, "overfit": 2}
+    assert f["agreement"]["value"] == pytest.approx(4 / 6, abs=1e-4) and f["agreement"]["n"] == 6
+    assert f["recall"]["overfit"]["value"] == 0.5 and f["recall"]["good"]["value"] == 1.0
+    assert f["precision"]["good"]["value"] == 0.5  # 2 of the 4 cells called good are good
+    assert f["picks_in_true_top3"]["value"] == pytest.approx(1 / 3, abs=1e-4)  # no pick counts as a miss
+    assert f["confusion"]["overfit"] == {"underfit": 0, "good": 1, "overfit": 1}
+
+
+def test_the_pruner_replay_feeds_optuna_the_recorded_checks():
+    import optuna
+
+    trials = [{"trial_key": f"s/trial_{i}"} for i in range(4)]
+    values = {"s/trial_0": {1: 1.0, 2: 1.2}, "s/trial_1": {1: 1.1, 2: 1.3},
+              "s/trial_2": {1: 0.2, 2: 0.3}, "s/trial_3": {1: 1.5, 2: 1.6}}
+    finals = {"s/trial_0": 1.3, "s/trial_1": 1.4, "s/trial_2": 0.4, "s/trial_3": 1.7}
+    make = lambda: optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=0)  # noqa: E731
+    out = truthbench.replay_pruner(make, {"s": trials}, values, finals, {"s": "s/trial_3"})
+    assert out["pruned"] == ["s/trial_2"]  # below the median at epoch 1; trial 3 is above it
+    assert out["trial_epochs_saved"] == pytest.approx(2 / 12, abs=1e-4)  # 3 epochs each; trial 2 stopped after 1
+    assert out["true_best_pruned"] == 0
+    lost = truthbench.replay_pruner(make, {"s": trials}, values, finals, {"s": "s/trial_2"})
+    assert lost["true_best_pruned"] == 1
+
+
+@pytest.mark.slow
+def test_a_small_truth_run_writes_every_documented_key(tmp_path):
+    # One calibration and one held-out subject, two settings, two epochs, two seeds, 4 steps:
+    # small, but the whole path (studies, read-out, calibration, pruning, validation, page).
+    out = tmp_path / "bench"
+    proc = subprocess.run(
+        [sys.executable, "-m", "lora_lab.bench", "truth", "--out", str(out), "--calibration", "sks",
+         "--heldout", "dax", "--cache-dir", str(tmp_path / "cache"),
+         "sweep.variants={a:{train.learning_rate:1e-3},b:{train.learning_rate:1e-2}}",
+         "sweep.fixed={train.epochs:2,data.repeats:1,data.validation_split:0.25}",
+         "eval.seeds=[1,2]", "eval.steps=4", "eval.strengths=[0,1]"],
+        capture_output=True, text=True, timeout=1200, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    doc = json.loads((out / "truth.json").read_text())
+    for part in ("heldout", "calibration"):
+        f = doc[part]
+        assert f["trials"] == 2 and f["cells"] == 4  # 2 trials x 2 epochs x strength 1
+        assert set(f["recall"]) == set(f["count"]) == {"underfit", "good", "overfit"}
+        assert sum(f["count"].values()) == 4
+        assert set(f["agreement"]) == {"value", "ci95", "n"} and set(f["picks_in_true_top3"]) == {"value", "ci95", "n"}
+    assert {"underfit_gain", "adherence_drop", "diversity_drop", "copy_threshold"} <= set(doc["thresholds"])
+    assert set(doc["pruning"]) >= {"spearman_by_epoch", "pruners"}
+    now = doc["pruning"]["pruners"]["heldout"]["25th percentile, 1 warm-up epoch"]
+    assert set(now) >= {"trial_epochs_saved", "true_best_pruned"}
+    assert doc["validation_loss"]["trials"] == 4
+    assert set(doc["validation_loss"]) >= {"validation_loss_picks_true_best_epoch", "lora_lab_picks_true_best_epoch"}
+    cells = pd.read_csv(out / "truth" / "truth_cells.csv")
+    assert len(cells) == 8 and set(cells.split) == {"calibration", "heldout"}
+    page = (out / "truth" / "disagreements.html").read_text()
+    parted = int((cells.verdict != cells.true_verdict).sum())
+    assert page.count('<div class="cell"') == parted
+    assert "agreement" in proc.stdout and "held out dax" in proc.stdout
