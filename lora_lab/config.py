@@ -457,7 +457,7 @@ class SweepConfig:
     sampler: str = "grid"
     pruner: str = "median"
     pruner_startup_trials: int = 2
-    pruner_warmup_epochs: int = 1
+    pruner_warmup_epochs: int = 0
     pruner_percentile: float = 25.0
     pruner_patience: int = 0
     objective: str = "combined"

@@ -13,7 +13,6 @@ import difflib
 import errno
 import json
 import logging
-import math
 import os
 import shutil
 import socket
@@ -33,10 +32,9 @@ from lora_lab.config import Config, ConfigError, to_config, to_yaml
 from lora_lab.errors import LoraLabError
 from lora_lab.files import atomic_write_text
 from lora_lab.versions import versions
-from lora_lab.tb import log_hparams
+from lora_lab.trial import COMPLETE, FAILED, PRUNED, RUNNING, Worker, trial_config, write_trial
 
 log = logging.getLogger("lora_lab.sweep")
-RUNNING, COMPLETE, PRUNED, FAILED = "running", "complete", "pruned", "failed"
 HEARTBEAT_S = 30
 
 
@@ -75,138 +73,6 @@ def check_keys(config: Config) -> None:
             close = difflib.get_close_matches(key, known, n=3)
             hint = f"; did you mean {', '.join(close)}?" if close else ""
             raise ConfigError(f"{where}: {key!r} is not a config path (like train.lr_scheduler){hint}")
-
-
-def trial_config(config: Config, params: Dict[str, Any], trial_dir: Path) -> Config:
-    """The study's config with the fixed values, the trial's parameters and its folder applied."""
-    sweep = config.sweep
-    node = OmegaConf.structured(replace(config, sweep=None))
-    values = dict(sweep.fixed)
-    for key, value in params.items():
-        if key == "variant":
-            values.update(sweep.variants[value])
-        else:
-            values[key] = value
-    for key, value in values.items():
-        OmegaConf.update(node, key, value, merge=False)
-    node.output_dir = str(trial_dir)
-    if "train.output_name" not in values:
-        # Unique file names across trials, so <lora:name:0.7> means one file in A1111's folder.
-        node.train.output_name = f"{sweep.name}_{trial_dir.name}"
-    out = to_config(node)
-    out.sweep = sweep
-    return out
-
-
-def _objective_value(verdict: dict, judged, objective: str) -> float:
-    """The best non-overfit cell's metric; 0 when every cell is overfit (documented)."""
-    best = verdict.get("best")
-    if not best:
-        return 0.0
-    if objective == "gain":
-        row = judged[(judged.epoch == best["epoch"]) & (judged.strength == best["strength"])].iloc[0]
-        value = row.gain
-    else:
-        value = best[objective]
-    return float(value) if value is not None and not (isinstance(value, float) and math.isnan(value)) else 0.0
-
-
-class _Worker:
-    """Loads the base model, data, scorers and prompt suite once; runs trials one by one."""
-
-    def __init__(self, config: Config, study_dir: Path):
-        from lora_lab.models import load_base, pick_device
-        from lora_lab.scores import Scorer
-        from lora_lab.suite import load_suite
-
-        self.config = config
-        self.study_dir = study_dir
-        self.device = pick_device(config.device)
-        self.cache_dir = Path(config.cache_dir)
-        self._datasets: Dict[str, Any] = {}
-        self.dataset(config)
-        started = time.time()
-        self.base = load_base(config.model, self.cache_dir, self.device)
-        dataset = self.dataset(config)
-        self.suite = load_suite(config.eval.suite, dataset.token or "", dataset.suite)
-        self.scorer = Scorer(self.suite.kind, config.eval.face, config.eval.clip, self.device)
-        self.base_renders: Dict[tuple, list] = {}  # base-model images shared by this worker's trials
-        log.info(f"worker {os.getpid()}: loaded {self.base.source} and scorers in {time.time() - started:.1f}s")
-
-    def dataset(self, config: Config):
-        from lora_lab.data import load_dataset
-
-        key = repr(config.data)
-        if key not in self._datasets:
-            self._datasets[key] = load_dataset(config.data, self.cache_dir)
-        return self._datasets[key]
-
-    def run(self, trial, params: Dict[str, Any]) -> Tuple[str, Optional[float], dict]:
-        """Train and evaluate one trial; returns (state, objective value, trial.json fields)."""
-        from lora_lab.evaluate import evaluate
-        from lora_lab.train import check_environment, train
-
-        sweep = self.config.sweep
-        tdir = self.study_dir / f"trial_{trial.number}"
-        tdir.mkdir(parents=True, exist_ok=True)
-        cfg = trial_config(self.config, params, tdir)
-        check_environment(cfg.train, self.device)
-        atomic_write_text(tdir / "config.yaml", to_yaml(cfg))
-        dataset = self.dataset(cfg)
-        pruned_at: Dict[str, Any] = {}
-        check = sweep.prune_eval
-        cheap = replace(cfg, eval=replace(
-            cfg.eval, max_prompts=check.max_prompts,
-            seeds=list(check.seeds) if check.seeds else list(cfg.eval.seeds)[: check.n_seeds],
-            strengths=list(check.strengths) if check.strengths else list(cfg.eval.strengths),
-            steps=check.steps or cfg.eval.steps))
-
-        def on_epoch(epoch: int, path: Path, loss: float) -> bool:
-            if sweep.pruner == "none" or epoch == cfg.train.epochs:
-                return False
-            ev = evaluate(cheap, self.base, dataset, tdir / "lora", tdir / "prune" / f"epoch_{epoch}",
-                          scorer=self.scorer, suite=self.suite.limited(sweep.prune_eval.max_prompts),
-                          progress=False, epochs=[epoch], base_renders=self.base_renders)
-            value = _objective_value(ev.verdict, ev.judged, sweep.objective)
-            trial.report(value, epoch)
-            log.info(f"  trial {trial.number} epoch {epoch}: {sweep.objective} {value:.4g} (loss {loss:.4f})")
-            if trial.should_prune():
-                pruned_at.update(epoch=epoch, value=value)
-                return True
-            return False
-
-        result = train(cfg, self.base, dataset, tdir, on_epoch=on_epoch, cache_dir=self.cache_dir)
-        if result.stopped_early:
-            bar = "median" if sweep.pruner == "median" else f"{sweep.pruner_percentile:g}th percentile"
-            reason = (f"pruned after epoch {pruned_at['epoch']}: its per-epoch check ({len(cheap.eval.seeds)} seeds, "
-                      f"strengths {', '.join(f'{x:g}' for x in cheap.eval.strengths)}) scored {sweep.objective} "
-                      f"{pruned_at['value']:.4g}, below the {bar} of earlier trials at that epoch")
-            return PRUNED, None, {"reason": reason, "pruned_at_epoch": pruned_at["epoch"]}
-        ev = evaluate(cfg, self.base, dataset, tdir / "lora", tdir, scorer=self.scorer,
-                      suite=self.suite.limited(cfg.eval.max_prompts), progress=False, tb_dir=tdir / "tb",
-                      base_renders=self.base_renders)
-        value = _objective_value(ev.verdict, ev.judged, sweep.objective)
-        timing = {"setup_s": round(result.setup_s, 3), "train_s": round(result.train_s, 3), "steps": result.steps,
-                  "render_s": round(ev.timing["render_s"], 3), "switch_s": round(ev.timing["switch_s"], 3),
-                  "attach_s": round(ev.timing["attach_s"], 3),
-                  "images": ev.timing["images"]}
-        best = ev.verdict["best"] or {}
-        log_hparams(tdir / "tb", params, {"objective": value, "likeness": best.get("likeness"),
-                                          "adherence": best.get("adherence"),
-                                          "best_epoch": best.get("epoch"), "best_strength": best.get("strength")})
-        reason = "; ".join(ev.verdict["best"]["reasons"]) if ev.verdict["best"] else \
-            "every LoRA cell is overfit: objective set to 0"
-        fields = {"reason": reason, "timing": timing}
-        if result.validation_loss:
-            fields["validation_loss"] = {str(k): round(v, 6) for k, v in result.validation_loss.items()}
-        return COMPLETE, value, fields
-
-
-def _write_trial(tdir: Path, **fields) -> None:
-    path = tdir / "trial.json"
-    current = json.loads(path.read_text()) if path.exists() else {}
-    current.update(fields)
-    atomic_write_text(path, json.dumps(current, indent=2, default=str) + "\n")
 
 
 def _storage(sweep, study_dir: Path):
@@ -277,19 +143,19 @@ def make_pruner(sweep):
 
     if sweep.pruner == "none":
         return optuna.pruners.NopPruner()
+    # Steps are epochs, counted from 1; Optuna prunes from step == n_warmup_steps on, so W
+    # protected epochs means n_warmup_steps = W + 1.
+    warmup = sweep.pruner_warmup_epochs + 1
     if sweep.pruner == "median":
-        pruner = optuna.pruners.MedianPruner(n_startup_trials=sweep.pruner_startup_trials,
-                                             n_warmup_steps=sweep.pruner_warmup_epochs)
+        pruner = optuna.pruners.MedianPruner(n_startup_trials=sweep.pruner_startup_trials, n_warmup_steps=warmup)
     else:
         pruner = optuna.pruners.PercentilePruner(sweep.pruner_percentile, n_startup_trials=sweep.pruner_startup_trials,
-                                                 n_warmup_steps=sweep.pruner_warmup_epochs)
+                                                 n_warmup_steps=warmup)
     if sweep.pruner_patience:
         with warnings.catch_warnings():  # PatientPruner is marked experimental (Optuna 2.8+)
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             pruner = optuna.pruners.PatientPruner(pruner, patience=sweep.pruner_patience)
     return pruner
-    return optuna.create_study(study_name=sweep.name, storage=_storage(sweep, study_dir), sampler=sampler,
-                               pruner=pruner, direction=sweep.direction, load_if_exists=True)
 
 
 def _suggest(trial, sweep) -> Dict[str, Any]:
@@ -371,7 +237,7 @@ def work(config: Config, study_dir: Path) -> None:
 
     study = _study(sweep, study_dir)
     _reclaim_dead_local_trials(study, study_dir)
-    worker: Optional[_Worker] = None
+    worker: Optional[Worker] = None
     while True:
         if sweep.storage:
             optuna.storages.fail_stale_trials(study)
@@ -379,7 +245,7 @@ def work(config: Config, study_dir: Path) -> None:
         if remaining <= 0:
             break
         if worker is None:
-            worker = _Worker(config, study_dir)
+            worker = Worker(config, study_dir)
         trial = study.ask()
         params = _suggest(trial, sweep)
         key = json.dumps(params, sort_keys=True, default=str)
@@ -392,7 +258,7 @@ def work(config: Config, study_dir: Path) -> None:
         tdir = study_dir / f"trial_{trial.number}"
         tdir.mkdir(parents=True, exist_ok=True)
         started = time.time()
-        _write_trial(tdir, number=trial.number, state=RUNNING, params=params, host=socket.gethostname(),
+        write_trial(tdir, number=trial.number, state=RUNNING, params=params, host=socket.gethostname(),
                      pid=os.getpid(), started=started, versions=versions())
         log.info(f"trial {trial.number} start: " + ", ".join(f"{k}={v}" for k, v in params.items()))
         try:
@@ -412,7 +278,7 @@ def work(config: Config, study_dir: Path) -> None:
             state, value, fields = _failed(tdir, exc)
         duration = round(time.time() - started, 1)
         fields["rss_mb"] = round(_rss_mb(), 1)  # resident memory after the trial: leaks show here
-        _write_trial(tdir, state=state, objective=value, duration_s=duration, **fields)
+        write_trial(tdir, state=state, objective=value, duration_s=duration, **fields)
         if state == COMPLETE:
             study.tell(trial, value)
         else:
@@ -441,7 +307,7 @@ def _requeue(study, number: int, params: dict, study_dir: Path, why: str) -> Non
         for stale in tdir.rglob(".*.tmp"):  # temp files of writes the worker never finished
             stale.unlink()
         (tdir / "error.txt").write_text(why + "\n", encoding="utf-8")
-        _write_trial(tdir, number=number, state="retried", params=params, reason=why)
+        write_trial(tdir, number=number, state="retried", params=params, reason=why)
     except OSError:
         pass  # a full disk may refuse even this; the storage already knows
 

@@ -93,7 +93,7 @@ def test_nan_oom_and_scorer_errors_fail_only_their_trial(tmp_path, cache_dir, de
             raise RuntimeError("scorer exploded")
         return real_score(self, *a, **k)
 
-    real_run = sweep._Worker.run
+    real_run = sweep.Worker.run
 
     def run(self, trial, params):
         calls["n"] += 1
@@ -102,7 +102,7 @@ def test_nan_oom_and_scorer_errors_fail_only_their_trial(tmp_path, cache_dir, de
     monkeypatch.setattr(cache, "cache_latents", latents)
     monkeypatch.setattr(train_mod, "_loop", loop)
     monkeypatch.setattr(scores.Scorer, "score", score)
-    monkeypatch.setattr(sweep._Worker, "run", run)
+    monkeypatch.setattr(sweep.Worker, "run", run)
     table = sweep.run(compose(_overrides(tmp_path, cache_dir, "sweep.grid={train.network_dim:[1,2,3,4]}")))
     assert len(table) == 4
     reasons = " | ".join(table.reason)

@@ -14,6 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 from lora_lab import leaderboard, sweep
+from lora_lab import trial as trial_mod
 from lora_lab.cli import compose
 from lora_lab.config import conf_dir
 from lora_lab.errors import ConfigError
@@ -145,7 +146,7 @@ def test_a_study_whose_every_trial_failed_exits_non_zero_with_one_sentence(tmp_p
 
 def test_pruning_stops_hopeless_trials(tmp_path, cache_dir, demo_dir, monkeypatch):
     values = iter([5.0, 5.0, 1.0, 1.0, 1.0])  # trial 0: epochs 1-2 and final; trial 1 per epoch
-    monkeypatch.setattr(sweep, "_objective_value", lambda *a: next(values))
+    monkeypatch.setattr(trial_mod, "objective_value", lambda *a: next(values))
     cfg = _cfg(tmp_path, cache_dir, "sweep.pruner=median", "sweep.pruner_startup_trials=1",
                "sweep.pruner_warmup_epochs=0", "sweep.fixed={train.epochs:3,train.resolution:32,data.repeats:1}")
     table = sweep.run(cfg).sort_values("trial")
@@ -189,16 +190,30 @@ def test_pruner_settings_build_optunas_pruners():
     assert isinstance(pruner, optuna.pruners.PatientPruner)
     inner = pruner._wrapped_pruner
     assert isinstance(inner, optuna.pruners.PercentilePruner)
-    assert inner._percentile == 30 and inner._n_warmup_steps == 2
+    assert inner._percentile == 30 and inner._n_warmup_steps == 3  # epochs 1 and 2 never pruned
     with pytest.raises(ConfigError, match="sweep.pruner_percentile"):
         compose(["+sweep=smoke", "sweep.pruner_percentile=100"])
+    # One warm-up epoch: a hopeless trial survives epoch 1 and is pruned at epoch 2.
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(direction="maximize", pruner=sweep.make_pruner(
+        compose(["+sweep=smoke", "sweep.pruner=median", "sweep.pruner_warmup_epochs=1"]).sweep))
+    for _ in range(2):
+        good = study.ask()
+        for epoch in (1, 2):
+            good.report(2.0, epoch)
+        study.tell(good, 2.0)
+    bad = study.ask()
+    bad.report(0.1, 1)
+    assert not bad.should_prune()
+    bad.report(0.1, 2)
+    assert bad.should_prune()
 
 
 def test_lora_is_fully_removed_between_trials(tmp_path, cache_dir, demo_dir):
     cfg = _cfg(tmp_path, cache_dir)
     study_dir = tmp_path / "smoke"
     study_dir.mkdir()
-    worker = sweep._Worker(cfg, study_dir)
+    worker = trial_mod.Worker(cfg, study_dir)
     g = torch.Generator().manual_seed(0)
     x, h = torch.randn(1, 4, 8, 8, generator=g), torch.randn(1, 77, 32, generator=g)
 

@@ -191,19 +191,19 @@ def _spearman(a: List[float], b: List[float]) -> Optional[float]:
 
 
 def _pruners() -> dict:
-    import warnings
+    """The pruners replayed, built by the sweep's own :func:`lora_lab.sweep.make_pruner`."""
+    from lora_lab.config import SweepConfig
+    from lora_lab.sweep import make_pruner
 
-    import optuna
-
-    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+    def make(**kw):
+        return lambda: make_pruner(SweepConfig(name="replay", grid={"x": [0]}, pruner_startup_trials=2, **kw))
 
     return {
-        "median (before)": lambda: optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=0),
-        "median, 1 warm-up epoch": lambda: optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=1),
-        "25th percentile, 1 warm-up epoch": lambda: optuna.pruners.PercentilePruner(
-            25.0, n_startup_trials=2, n_warmup_steps=1),
-        "median, patience 1": lambda: optuna.pruners.PatientPruner(
-            optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=0), patience=1),
+        "median, no warm-up (before)": make(pruner="median", pruner_warmup_epochs=0),
+        "median, 1 warm-up epoch": make(pruner="median", pruner_warmup_epochs=1),
+        "25th percentile, 1 warm-up epoch": make(pruner="percentile", pruner_percentile=25.0, pruner_warmup_epochs=1),
+        "median, patience 1": make(pruner="median", pruner_warmup_epochs=0, pruner_patience=1),
+        "median, 1 warm-up epoch, patience 1": make(pruner="median", pruner_warmup_epochs=1, pruner_patience=1),
     }
 
 
@@ -274,8 +274,8 @@ def pruning(trials: List[dict], cfg: JudgeConfig, cells: pd.DataFrame, split: Di
                                 for name, make in _pruners().items()}
         before = {t["trial_key"]: {e: v for e, v in values["before"][t["trial_key"]].items()
                                    if e < max(values["before"][t["trial_key"]])} for t in trials}
-        out["pruners"][part]["median (before), check before"] = replay_pruner(
-            _pruners()["median (before)"], studies, before, finals, true_best)
+        out["pruners"][part]["median, no warm-up, check before"] = replay_pruner(
+            _pruners()["median, no warm-up (before)"], studies, before, finals, true_best)
     return out
 
 
@@ -366,7 +366,7 @@ def run(args) -> dict:
 
 def _pct(share: dict) -> str:
     if share["value"] is None:
-        return f"n/a (0 cases)"
+        return "n/a (0 cases)"
     lo, hi = share["ci95"]
     return f"{share['value']:.1%} [{lo:.0%}, {hi:.0%}] of {share['n']}"
 

@@ -12,8 +12,7 @@ from __future__ import annotations
 import math
 import random
 from dataclasses import asdict, dataclass, replace
-from pathlib import Path
-from typing import Dict, List, Tuple
+from typing import Dict, Tuple
 
 from PIL import Image, ImageDraw
 
