@@ -78,4 +78,5 @@ def test_a_small_truth_run_writes_every_documented_key(tmp_path):
     page = (out / "truth" / "disagreements.html").read_text()
     parted = int((cells.verdict != cells.true_verdict).sum())
     assert page.count('<div class="cell"') == parted
+    assert "[&#39;" not in page  # reasons read as sentences, not Python lists
     assert "agreement" in proc.stdout and "held out dax" in proc.stdout

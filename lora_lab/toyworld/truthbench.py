@@ -93,6 +93,7 @@ def collect(root: Path, name: str, cache_dir: Path, readout) -> List[dict]:
         read = gt.read_scores(scores, readout, Path.cwd(), subject)
         agg = pd.read_csv(tdir / "scores_agg.csv").drop(columns=_JUDGED, errors="ignore")
         trials.append({"subject": name, "trial": tdir.name, "dir": tdir, "params": info.get("params", {}),
+                       "duration_s": float(info.get("duration_s") or 0.0),
                        "number": int(info["number"]), "scores": scores, "agg": agg,
                        "ceiling": doc["ceiling"], "truth": gt.truth_cells(read, top, TRUTH_RULES),
                        "validation_loss": {int(k): v for k, v in (info.get("validation_loss") or {}).items()},
@@ -107,7 +108,8 @@ def judged_cells(trials: List[dict], cfg: JudgeConfig) -> tuple[pd.DataFrame, Li
         judged = judge(t["agg"], t["ceiling"], cfg)
         best = best_cell(judged)
         pick = None if best is None else {"epoch": int(best.epoch), "strength": float(best.strength)}
-        result = gt.compare(judged.assign(reasons=judged.reasons.map("; ".join)), t["truth"], pick)
+        judged = judged.assign(reasons=judged.reasons.map("; ".join))  # one sentence per cell
+        result = gt.compare(judged, t["truth"], pick)
         table = result["table"].merge(judged[gt.CELL + ["reasons", "combined"]], on=gt.CELL)
         tables.append(table[table.strength != 0].assign(subject=t["subject"], trial=t["trial"]))
         picks.append({"subject": t["subject"], "trial": t["trial"], "pick": pick, "rank": result["pick_rank"],
@@ -341,7 +343,11 @@ def run(args) -> dict:
     if not trials["calibration"] or not trials["heldout"]:
         raise SystemExit("error: a split has no finished trial: there is no figure to report")
     chosen, search = calibrate(trials["calibration"])
-    result = {"sweep_s": round(sweep_s, 1), "split": {"calibration": calibration, "heldout": heldout},
+    everything = trials["calibration"] + trials["heldout"]
+    # sweep_s is this invocation's (a rerun resumes finished studies); trials_s is what the
+    # trials took when they ran.
+    result = {"sweep_s": round(sweep_s, 1), "trials_s": round(sum(t["duration_s"] for t in everything), 1),
+              "split": {"calibration": calibration, "heldout": heldout},
               "truth_rules": {"underfit_gain": TRUTH_RULES.underfit_gain, "adherence_drop": TRUTH_RULES.adherence_drop},
               "thresholds": {**asdict(chosen), "search": search}}
     all_cells, all_picks = [], []
@@ -352,7 +358,6 @@ def run(args) -> dict:
         all_cells.append(cells.assign(split=part))
         all_picks += picks
     cells = pd.concat(all_cells, ignore_index=True)
-    everything = trials["calibration"] + trials["heldout"]
     result["pruning"] = pruning(everything, chosen, cells, split)
     result["validation_loss"] = validation_loss(everything, all_picks)
     cells.to_csv(args.root / "truth_cells.csv", index=False)
@@ -374,7 +379,8 @@ def _pct(share: dict) -> str:
 def text(r: dict) -> str:
     th = r["thresholds"]
     lines = ["", "truth benchmark: lora_lab's verdicts (the toy world's CLIP) against the read-out's ground truth",
-             f"sweeps: {r['sweep_s']:.0f} s; calibration subjects {', '.join(r['split']['calibration'])}; "
+             f"sweeps: {r['sweep_s']:.0f} s now, the trials took {r['trials_s']:.0f} s; calibration subjects "
+             f"{', '.join(r['split']['calibration'])}; "
              f"held out {', '.join(r['split']['heldout'])}",
              f"thresholds chosen on calibration ({th['search']['tried']} candidates): underfit_gain "
              f"{th['underfit_gain']:g}, adherence_drop {th['adherence_drop']:g}, diversity check "
