@@ -79,4 +79,7 @@ def test_a_small_truth_run_writes_every_documented_key(tmp_path):
     parted = int((cells.verdict != cells.true_verdict).sum())
     assert page.count('<div class="cell"') == parted
     assert "[&#39;" not in page  # reasons read as sentences, not Python lists
+    if parted:
+        first = page.split('<div class="cell"')[1]
+        assert first.count(">base seed 1<") == 5  # the base model's image once per prompt (5 prompts)
     assert "agreement" in proc.stdout and "held out dax" in proc.stdout

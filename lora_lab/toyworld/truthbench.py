@@ -312,7 +312,8 @@ def disagreement_page(cells: pd.DataFrame, trials: List[dict], split: Dict[str, 
         s = scores[(c.subject, c.trial)]
         images = []
         for prompt, g in s.groupby("prompt", sort=False):
-            shown = pd.concat([g[g.strength == 0], g[(g.epoch == c.epoch) & (g.strength == c.strength)]])
+            base = g[g.strength == 0].drop_duplicates("image")  # the base rows repeat once per epoch
+            shown = pd.concat([base, g[(g.epoch == c.epoch) & (g.strength == c.strength)]])
             images.append((prompt, [{"src": os.path.relpath(Path(p).resolve(), out.resolve()),
                                      "label": ("base" if st == 0 else f"s{st:g}") + f" seed {seed}"}
                                     for p, st, seed in zip(shown.image, shown.strength, shown.seed)]))
