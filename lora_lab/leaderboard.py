@@ -120,9 +120,9 @@ def render_text(table: pd.DataFrame) -> str:
     """The table as printed at the end of a sweep."""
     if table.empty:
         return "no trials yet"
-    shown = table.drop(columns=["lora_file", "duration_s"])
+    shown = table.drop(columns=["lora_file", "duration_s"]).replace({None: math.nan})  # blanks, not None / NaN
     with pd.option_context("display.max_columns", None, "display.width", 200, "display.max_colwidth", 60):
-        return shown.to_string(index=False, float_format=lambda x: f"{x:.4g}" if not math.isnan(x) else "")
+        return shown.to_string(index=False, na_rep="", float_format=lambda x: f"{x:.4g}" if not math.isnan(x) else "")
 
 
 def best_text(table: pd.DataFrame) -> str:

@@ -300,3 +300,11 @@ def test_the_sweeps_last_lines_count_the_verdicts_with_an_example_reason(tmp_pat
     assert text[0] == "cells (epoch x strength): 2 underfit, 2 good, 2 overfit"
     assert text[1] == "  overfit, e.g. trial_0 epoch 3 at strength 1.5: the asked change fades: 'x'"
     assert text[2].startswith("  underfit, e.g. trial_0 epoch 1 at strength 0.5: too little")
+
+
+def test_the_printed_leaderboard_leaves_a_pruned_trials_empty_scores_blank():
+    table = pd.DataFrame([{"trial": 2, "state": "pruned", "objective": None, "verdict": None, "best_epoch": None,
+                           "best_strength": None, "likeness": None, "adherence": None, "snippet": None,
+                           "lora_file": None, "reason": "pruned after epoch 1", "duration_s": 10.0}])
+    text = leaderboard.render_text(table)
+    assert "NaN" not in text and "None" not in text and "pruned after epoch 1" in text
