@@ -70,7 +70,8 @@ def preset_folder(name: str, cache_dir: Path) -> Path:
 
 # Built-in SD-shaped models, seeded. tiny: the fast test and demo model (VAE factor 4).
 # bench: a larger one for benchmarks (UNet 64/128/256 channels; VAE with SD's factor 8 and
-# layers per block, at a quarter of SD's channels, as the UNet).
+# layers per block, at a quarter of SD's channels, as the UNet). sd15-random: SD 1.5's own
+# architecture and size, random weights (GPU benchmarks; about 4 GB on disk).
 _SPECS = {
     "tiny": dict(unet=(32, 64), vae=(32, 32, 64), vae_layers=1, text=32, groups=16),
     "bench": dict(unet=(64, 128, 256), vae=(32, 64, 128, 128), vae_layers=2, text=64, groups=32),
@@ -82,13 +83,29 @@ def tiny_folder(cache_dir: Path, name: str = "tiny") -> Path:
     return _publish(lambda folder: _build(folder, name), Path(cache_dir) / "models" / f"{name}-v1")
 
 
+def sd15_modules():
+    """SD 1.5's UNet, VAE and text encoder with random weights, from the shipped sd15 preset
+    configs (the real architecture at its real size: for GPU benchmarks without a download)."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    preset = PRESETS_DIR / "sd15"
+    unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(preset / "unet"))
+    vae = AutoencoderKL.from_config(AutoencoderKL.load_config(preset / "vae"))
+    text_encoder = CLIPTextModel(CLIPTextConfig.from_pretrained(preset / "text_encoder"))
+    return unet, vae, text_encoder
+
+
 def _build(folder: Path, name: str) -> None:
     import torch
-    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
 
-    spec = _SPECS[name]
     torch.manual_seed(TINY_SEED)
+    if name == "sd15-random":
+        _save(folder, *sd15_modules())
+        return
+    spec = _SPECS[name]
     n = len(spec["unet"])
     unet = UNet2DConditionModel(
         block_out_channels=spec["unet"],
@@ -129,6 +146,13 @@ def _build(folder: Path, name: str) -> None:
             pad_token_id=1,
         )
     )
+    _save(folder, unet, vae, text_encoder)
+
+
+def _save(folder: Path, unet, vae, text_encoder) -> None:
+    from diffusers import PNDMScheduler, StableDiffusionPipeline
+    from transformers import CLIPTokenizer
+
     scheduler = PNDMScheduler(
         beta_start=0.00085,
         beta_end=0.012,

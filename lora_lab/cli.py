@@ -104,6 +104,19 @@ def hydra_entry(task: Callable[[Config], object]) -> Callable[[], None]:
     return run
 
 
+def exit_now(code: int = 0) -> None:
+    """End a finished command at once: flush the logs and streams, then skip the interpreter's
+    teardown of torch and the other libraries (about 2 s on 2 cores). Only after every file has
+    been written and closed, and only from a command's ``main``."""
+    import logging
+    import os
+
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 def compose(overrides: list[str] | None = None) -> Config:
     """Compose ``conf/config.yaml`` with overrides, as the command line would (tests use this)."""
     from hydra import compose as hydra_compose

@@ -35,7 +35,7 @@ ADAPTIVE_OPTIMIZERS = ("prodigy", "dadaptation")
 MIXED_PRECISION = ("no", "fp16", "bf16")
 PRESETS = ("sd15", "sd21", "sd21_base")
 # Made by lora_lab itself; packages register more (lora_lab.plugins: the toy world's).
-BUILTIN_MODELS = ("tiny", "bench")
+BUILTIN_MODELS = ("tiny", "bench", "sd15-random")
 BUILTIN_DATA = ("demo",)
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 
@@ -354,7 +354,9 @@ class EvalConfig:
         sampler: A1111 sampler name (Euler a, DPM++ 2M Karras, DDIM, UniPC ...).
         steps / cfg_scale / seeds / size: identical for every cell; size null = model resolution.
         max_prompts: use only the first N prompts of each kind (a cheap evaluation).
-        batch_size: images rendered per pipeline call (prompts x seeds of one cell row).
+        batch_size: images rendered per pipeline call (all strengths, prompts and seeds of an
+            epoch share calls); null: chosen from free memory (RAM or GPU) and one image's
+            measured cost, at most 32.
         output_dir: where grids and scores go; null = beside the LoRA folder.
     """
 
@@ -366,7 +368,7 @@ class EvalConfig:
     seeds: List[int] = field(default_factory=lambda: [1234, 5678])
     size: Optional[int] = None
     max_prompts: Optional[int] = None
-    batch_size: int = 8
+    batch_size: Optional[int] = None
     output_dir: Optional[str] = None
     face: FaceScorerConfig = field(default_factory=FaceScorerConfig)
     clip: ClipScorerConfig = field(default_factory=ClipScorerConfig)
@@ -388,7 +390,9 @@ class EvalConfig:
             _require(self.size >= 8 and self.size % 8 == 0, "eval.size", f"must be a multiple of 8, got {self.size}")
         if self.max_prompts is not None:
             _require(self.max_prompts >= 1, "eval.max_prompts", "must be >= 1")
-        _require(isinstance(self.batch_size, int) and self.batch_size >= 1, "eval.batch_size", "must be >= 1")
+        _require(self.batch_size is None or (isinstance(self.batch_size, int) and self.batch_size >= 1),
+                 "eval.batch_size", f"must be a whole number >= 1, or null to choose from free memory; got "
+                 f"{self.batch_size!r}")
 
 
 SWEEP_SAMPLERS = ("grid", "tpe", "random")

@@ -14,6 +14,7 @@ import io
 import json
 import logging
 import re
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
@@ -29,7 +30,8 @@ from lora_lab.errors import LoraLabError
 from lora_lab.files import atomic_write_bytes, atomic_write_text
 from lora_lab.judge import aggregate, judge, verdict_document
 from lora_lab.models import BaseModel, load_base, pick_device
-from lora_lab.render import RenderSettings, render, write_grids
+from lora_lab.grids import write_grids
+from lora_lab.render import RenderSettings, render
 from lora_lab.scores import RANDOM_NOTE, Scorer, diversity
 from lora_lab.suite import Suite, load_suite
 from lora_lab.tb import log_evaluation
@@ -45,7 +47,7 @@ class EvalResult:
     judged: pd.DataFrame
     verdict: dict
     grids: List[Path]
-    timing: dict  # render_s, switch_s, images
+    timing: dict  # render_s (png_s inside), switch_s, attach_s, write_s, score_s, judge_s, images, batch_size
 
 
 def list_lora_files(lora_dir: Path) -> List[Tuple[int, Path, Dict[str, torch.Tensor], Dict[str, str]]]:
@@ -84,13 +86,14 @@ def default_out_dir(lora_dir: Path) -> Path:
 def evaluate(config: Config, base: BaseModel, dataset: Dataset, lora_dir: Path, out_dir: Path,
              scorer: Optional[Scorer] = None, suite: Optional[Suite] = None, progress: bool = True,
              epochs: Optional[List[int]] = None, tb_dir: Optional[Path] = None,
-             base_renders: Optional[dict] = None) -> EvalResult:
+             base_renders: Optional[dict] = None, render_plan: Optional[dict] = None) -> EvalResult:
     """Render, score and judge every LoRA file in ``lora_dir``; write the results to ``out_dir``.
 
     Args:
         epochs: Only these epochs (the sweep's cheap per-epoch evaluation).
         tb_dir: Also log scores per epoch and the grids to this TensorBoard run.
         base_renders: Base-model images already rendered by this worker, reused (see render).
+        render_plan: The batch size this worker chose, reused (see render).
         scorer / suite: Reuse ones already built (a sweep worker builds them once).
     """
     e = config.eval
@@ -109,9 +112,12 @@ def evaluate(config: Config, base: BaseModel, dataset: Dataset, lora_dir: Path, 
     )
     timing: dict = {}
     cells = render(base.pipe, files, strengths, suite.prompts, settings, out_dir, progress=progress, timing=timing,
-                   base_renders=base_renders)
+                   base_renders=base_renders, plan=render_plan)
+    clock = time.perf_counter()
     grids = write_grids(cells, strengths, out_dir)
+    timing["write_s"] = timing["png_s"] + time.perf_counter() - clock  # cell PNGs (in render_s), grids
 
+    clock = time.perf_counter()
     refs = scorer.references(sorted({s.path for s in dataset.train}))
     unique = list(dict.fromkeys(c.path for c in cells))
     cell_of = {c.path: c for c in cells}
@@ -142,6 +148,8 @@ def evaluate(config: Config, base: BaseModel, dataset: Dataset, lora_dir: Path, 
         scores["face_detected"] = False
         scores["face_likeness"] = float("nan")
 
+    timing["score_s"] = time.perf_counter() - clock
+    clock = time.perf_counter()
     agg = aggregate(scores, suite.kind)
     ceiling = refs.face_ceiling if suite.kind == "person" else refs.clip_ceiling
     judged = judge(agg, ceiling, e.judge)
@@ -153,9 +161,12 @@ def evaluate(config: Config, base: BaseModel, dataset: Dataset, lora_dir: Path, 
     doc["strengths"] = strengths
     doc["settings"] = {"sampler": e.sampler, "steps": e.steps, "cfg_scale": e.cfg_scale, "seeds": list(e.seeds),
                        "size": settings.size}
+    timing["judge_s"] = time.perf_counter() - clock
+    clock = time.perf_counter()
     _write_tables(out_dir, scores, judged, doc)
     if tb_dir is not None:
         log_evaluation(tb_dir, judged, grids)
+    timing["write_s"] += time.perf_counter() - clock
     return EvalResult(out_dir, scores, judged, doc, grids, timing)
 
 
@@ -211,9 +222,10 @@ def run(config: Config) -> EvalResult:
 
 
 def main() -> None:
-    from lora_lab.cli import hydra_entry
+    from lora_lab.cli import exit_now, hydra_entry
 
     hydra_entry(run)()
+    exit_now()
 
 
 if __name__ == "__main__":

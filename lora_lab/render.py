@@ -1,7 +1,8 @@
 """Render epochs x strengths x prompts x seeds with one pipeline, and draw A1111-style X/Y grids.
 
-The base pipeline is loaded once; each epoch's LoRA is swapped into it and scaled to each
-strength on every LoRA layer. Every cell uses the same prompts, seeds, sampler, steps, CFG and
+The base pipeline is loaded once; each epoch's LoRA is swapped into it, and all of that
+epoch's cells (every strength, prompt and seed) render together, each image of a batch at its
+own strength on every LoRA layer. Every cell uses the same prompts, seeds, sampler, steps, CFG and
 size, so the differences come from the LoRA alone. Each image carries A1111 infotext in its
 ``parameters`` PNG chunk, so PNG Info in A1111 reproduces it.
 """
@@ -17,7 +18,7 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 from tqdm.auto import tqdm
 
@@ -68,7 +69,7 @@ class RenderSettings:
     negative_prompt: str
     model_name: str
     clip_skip: int = 1
-    batch_size: int = 8
+    batch_size: Optional[int] = None  # images per pipeline call; None: from free memory
 
 
 @dataclass
@@ -117,179 +118,249 @@ def _save_png(image: Image.Image, path: Path, parameters: str) -> None:
             os.unlink(tmp)
 
 
+AUTO_MAX_BATCH = 32  # past this, a bigger batch stops paying on the CPUs and GPUs we measured
+MEMORY_SHARE = 0.7  # of the free memory a batch may use
+
+
+def free_memory(device: torch.device) -> int:
+    """Bytes free for a batch: the GPU's free memory, or the machine's available RAM."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    import psutil
+
+    return psutil.virtual_memory().available
+
+
+_CARRIED_PEAK: Dict[str, int] = {}  # a CUDA device's peak from before _PeakMemory reset it
+
+
+def reset_cuda_peak(device: torch.device) -> None:
+    """Start measuring a CUDA device's peak memory afresh (e.g. at a trial's start)."""
+    torch.cuda.reset_peak_memory_stats(device)
+    _CARRIED_PEAK[str(device)] = 0
+
+
+def cuda_peak_bytes(device: torch.device) -> int:
+    """The device's peak allocated memory since :func:`reset_cuda_peak`, across the resets
+    that measuring one image's cost makes."""
+    return max(_CARRIED_PEAK.get(str(device), 0), torch.cuda.max_memory_allocated(device))
+
+
+class _PeakMemory:
+    """Peak memory one call adds: CUDA's allocator statistics, or Linux's resident high-water
+    mark (reset through /proc/self/clear_refs). ``bytes`` is None where neither is readable."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.bytes: Optional[int] = None
+
+    def __enter__(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            _CARRIED_PEAK[str(self.device)] = cuda_peak_bytes(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.start = torch.cuda.memory_allocated(self.device)
+        else:
+            try:
+                Path("/proc/self/clear_refs").write_text("5")  # VmHWM := current RSS
+                self.start = self._hwm()
+            except OSError:
+                self.start = None
+        return self
+
+    @staticmethod
+    def _hwm() -> int:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+        raise OSError("no VmHWM")
+
+    def __exit__(self, *exc):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self.bytes = torch.cuda.max_memory_allocated(self.device) - self.start
+        elif self.start is not None:
+            try:
+                self.bytes = self._hwm() - self.start
+            except OSError:
+                self.bytes = None
+
+
+def auto_batch_size(per_image: Optional[int], free: int) -> int:
+    """Images per pipeline call that fit in ``MEMORY_SHARE`` of ``free`` bytes, at most
+    ``AUTO_MAX_BATCH``; 8 when the cost of an image could not be measured."""
+    if not per_image or per_image <= 0:
+        return 8
+    return max(1, min(AUTO_MAX_BATCH, int(free * MEMORY_SHARE // per_image)))
+
+
+def _plan_key(settings: RenderSettings, unet) -> tuple:
+    return ("batch", settings.size, unet.device.type)
+
+
+Job = Tuple  # (prompt, seed, LoRA strength[, adapter name]): the adapter defaults to the first
+
+
 @torch.no_grad()
-def _generate(pipe, prompts: Sequence[Prompt], settings: RenderSettings) -> Dict[Tuple[int, int], Image.Image]:
-    """Every prompt x seed, in batches of ``settings.batch_size`` (one generator per image, so
-    each image depends on its own seed only). Returns {(prompt index, seed): image}."""
-    jobs = [(p, seed) for p in prompts for seed in settings.seeds]
+def generate(pipe, jobs: Sequence[Job], settings: RenderSettings, strengths=None, on_batch=None,
+              plan: Optional[dict] = None) -> Dict[Job, Image.Image]:
+    """Render ``jobs`` in as few pipeline calls as memory allows; each image has its own
+    generator (so it depends on its own seed only) and, through ``strengths`` (a
+    :class:`lora_io.SampleStrengths`), its own LoRA strength.
+
+    ``plan`` (a worker's memory) keeps the batch size: ``settings.batch_size`` when set, else
+    chosen once from the free memory and one image's measured cost (the first call renders one
+    image and measures it).
+    """
     device = pipe.unet.device
-    out: Dict[Tuple[int, int], Image.Image] = {}
-    for i in range(0, len(jobs), settings.batch_size):
-        chunk = jobs[i : i + settings.batch_size]
-        result = pipe(
-            prompt=[p.text for p, _ in chunk],
-            negative_prompt=[settings.negative_prompt] * len(chunk),
-            num_inference_steps=settings.steps,
-            guidance_scale=settings.cfg_scale,
-            height=settings.size,
-            width=settings.size,
-            generator=[torch.Generator(device=device).manual_seed(seed) for _, seed in chunk],
-            clip_skip=settings.clip_skip - 1 if settings.clip_skip > 1 else None,  # diffusers counts skipped layers
-            output_type="pil",
-        )
-        out.update({(p.index, seed): im for (p, seed), im in zip(chunk, result.images)})
+    plan = {} if plan is None else plan
+    key = _plan_key(settings, pipe.unet)
+    if settings.batch_size:
+        plan[key] = settings.batch_size
+    out: Dict[Job, Image.Image] = {}
+    i = 0
+    while i < len(jobs):
+        size = plan.get(key, 1)
+        chunk = list(jobs[i : i + size])
+        if strengths is not None:
+            strengths.set([job[2] for job in chunk], [job[3] for job in chunk] if len(chunk[0]) > 3 else None)
+        with _PeakMemory(device) as peak:
+            result = pipe(
+                prompt=[job[0].text for job in chunk],
+                negative_prompt=[settings.negative_prompt] * len(chunk),
+                num_inference_steps=settings.steps,
+                guidance_scale=settings.cfg_scale,
+                height=settings.size,
+                width=settings.size,
+                generator=[torch.Generator(device=device).manual_seed(job[1]) for job in chunk],
+                clip_skip=settings.clip_skip - 1 if settings.clip_skip > 1 else None,  # diffusers counts skipped layers
+                output_type="pil",
+            )
+        if key not in plan:
+            plan[key] = auto_batch_size(peak.bytes, free_memory(device))
+            plan["per_image_bytes"] = peak.bytes
+        out.update(zip(chunk, result.images))
+        if on_batch is not None:
+            on_batch(len(chunk))
+        i += len(chunk)
     return out
 
 
 def render(pipe, lora_files: Sequence[Tuple[int, Path, Dict[str, torch.Tensor], Dict[str, str]]],
            strengths: Sequence[float], prompts: Sequence[Prompt], settings: RenderSettings,
            out_dir: Path, progress: bool = True, timing: Optional[dict] = None,
-           base_renders: Optional[dict] = None) -> List[Cell]:
-    """Render every cell; the strength-0 row (the base model) is rendered once and shared.
+           base_renders: Optional[dict] = None, plan: Optional[dict] = None) -> List[Cell]:
+    """Render every cell: all strengths, prompts and seeds of as many LoRA files (epochs) as a
+    batch holds, loaded side by side, each image of a batch at its own strength from its own
+    file; the base model's images (strength 0) once, in the first batches.
 
     Args:
         pipe: The loaded base pipeline (its scheduler is replaced by the chosen sampler).
         lora_files: (epoch, path, tensors, metadata) per LoRA file, in X-axis order.
         strengths: Y-axis values; 0 renders the base model.
         prompts: The suite's prompts.
-        settings: Sampler, steps, CFG, size, seeds, negative prompt.
+        settings: Sampler, steps, CFG, size, seeds, negative prompt, batch size (None: auto).
         out_dir: Cell images go to ``out_dir/cells/``.
         timing: Filled with render_s, attach_s (adding the adapter layers for the first file),
-            switch_s (later epoch swaps and strength changes) and images.
+            switch_s (later epoch swaps), png_s (writing the PNG files, inside render_s), images
+            and batch_size.
         base_renders: A worker's memory of base-model images (same prompt and settings give
             the same pixels), shared by its trials.
+        plan: A worker's memory of the chosen batch size.
 
     Returns:
         One Cell per (epoch, strength, prompt, seed).
     """
     timing = {} if timing is None else timing
+    plan = {} if plan is None else plan
+    if settings.batch_size:
+        plan[_plan_key(settings, pipe.unet)] = settings.batch_size
     pipe.scheduler = make_scheduler(settings.sampler, dict(pipe.scheduler.config))
     unet, text_encoder = pipe.unet, pipe.text_encoder
-    lora_strengths = [s for s in strengths if s != 0]
+    lora_strengths = [float(s) for s in strengths if s != 0]
     total = len(prompts) * (1 + len(lora_files) * len(lora_strengths)) * len(settings.seeds)
     bar = tqdm(total=total, desc="rendering", unit="img", disable=not progress, mininterval=1.0)
     cells: List[Cell] = []
-    timing.update(switch_s=0.0, attach_s=0.0)
+    timing.update(switch_s=0.0, attach_s=0.0, png_s=0.0)
     attached = False
     started = time.perf_counter()
-    base_cells: Dict[Tuple[int, int], Path] = {}
     rendered = 0
     key = (tuple(p.text for p in prompts), settings.negative_prompt, settings.sampler, settings.steps,
            settings.cfg_scale, settings.size, settings.clip_skip, tuple(settings.seeds))
-    paths = {(p.index, seed): out_dir / "cells" / "base" / f"p{p.index:02d}_seed{seed}.png"
-             for p in prompts for seed in settings.seeds}
+    base_paths = {(p.index, seed): out_dir / "cells" / "base" / f"p{p.index:02d}_seed{seed}.png"
+                  for p in prompts for seed in settings.seeds}
+    base_jobs = [(p, seed, 0.0) for p in prompts for seed in settings.seeds]
     known = base_renders.get(key) if base_renders is not None else None
+    need_base, base_rendered = True, False
     if known and all(Path(src).exists() for src in known.values()):
         # The base model's images for the same prompts and settings, rendered earlier by this
         # worker (another trial): the same pixels, so copy instead of rendering again.
-        for k, dst in paths.items():
+        for k, dst in base_paths.items():
             dst.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(known[k], dst)
-    else:
-        with lora_io.adapters_disabled(unet, text_encoder):  # the base model, even mid-training
-            images = _generate(pipe, prompts, settings)
-        by_index = {p.index: p for p in prompts}
-        for (index, seed), image in images.items():
-            _save_png(image, paths[(index, seed)], infotext(by_index[index].text, settings, seed, None, 0.0, None))
-        rendered += len(images)
-        if base_renders is not None:
-            base_renders[key] = dict(paths)
-    base_cells.update(paths)
-    bar.update(len(paths))
+        bar.update(len(base_paths))
+        need_base = False
+
+    def save(images: Dict[Job, Image.Image], label: Optional[str], meta: dict) -> None:
+        t = time.perf_counter()
+        for (prompt, seed, strength), image in images.items():
+            if strength == 0:
+                _save_png(image, base_paths[(prompt.index, seed)], infotext(prompt.text, settings, seed, None, 0.0, None))
+            else:
+                path = out_dir / "cells" / label / f"s{strength:g}" / f"p{prompt.index:02d}_seed{seed}.png"
+                _save_png(image, path, infotext(prompt.text, settings, seed, label, strength,
+                                                meta.get("sshs_model_hash")))
+        timing["png_s"] += time.perf_counter() - t
+
     try:
-        for epoch, lora_path, tensors, meta in lora_files:
-            label = lora_path.stem
-            switch = time.perf_counter()
-            lora_io.load_into(unet, text_encoder, tensors, source=str(lora_path))
-            # The first file attaches the adapter layers; later ones only swap weights in place.
-            timing["switch_s" if attached else "attach_s"] += time.perf_counter() - switch
-            attached = True
-            for strength in strengths:
-                if strength == 0:
-                    cells += [Cell(epoch, label, 0.0, p, seed, base_cells[(p.index, seed)], lora_path)
-                              for p in prompts for seed in settings.seeds]
-                    continue
+        if need_base and not lora_files:
+            with lora_io.adapters_disabled(unet, text_encoder):  # the base model, even mid-training
+                save(generate(pipe, base_jobs, settings, on_batch=bar.update, plan=plan), None, {})
+            rendered += len(base_jobs)
+            need_base, base_rendered = False, True
+        per_file = len(lora_strengths) * len(prompts) * len(settings.seeds)
+        done = 0
+        while done < len(lora_files):
+            # As many epochs side by side as one batch holds (one until the batch size is known).
+            batch = plan.get(_plan_key(settings, unet))
+            group = lora_files[done : done + (max(1, batch // max(per_file, 1)) if batch else 1)]
+            adapters = [lora_io.eval_adapter(j) for j in range(len(group))]
+            jobs, labels = [], {}
+            for adapter, (epoch, lora_path, tensors, meta) in zip(adapters, group):
                 switch = time.perf_counter()
-                lora_io.set_strength(unet, text_encoder, strength)
-                timing["switch_s"] += time.perf_counter() - switch
-                images = _generate(pipe, prompts, settings)
-                for prompt in prompts:
-                    for seed in settings.seeds:
-                        path = out_dir / "cells" / label / f"s{strength:g}" / f"p{prompt.index:02d}_seed{seed}.png"
-                        text = infotext(prompt.text, settings, seed, label, strength, meta.get("sshs_model_hash"))
-                        _save_png(images[(prompt.index, seed)], path, text)
-                        cells.append(Cell(epoch, label, float(strength), prompt, seed, path, lora_path))
-                        rendered += 1
-                        bar.update(1)
+                lora_io.load_into(unet, text_encoder, tensors, source=str(lora_path), adapter=adapter)
+                # The first file attaches the adapter layers; later ones only swap weights in place.
+                timing["switch_s" if attached else "attach_s"] += time.perf_counter() - switch
+                attached = True
+                labels[adapter] = (lora_path.stem, meta)
+                jobs += [(p, seed, s, adapter) for s in lora_strengths for p in prompts for seed in settings.seeds]
+            if need_base:
+                jobs = [(p, seed, 0.0, adapters[0]) for p, seed, _ in base_jobs] + jobs
+            with lora_io.SampleStrengths(unet, text_encoder, adapters) as per_sample:
+                images = generate(pipe, jobs, settings, per_sample, on_batch=bar.update, plan=plan)
+            for adapter in adapters:
+                label, meta = labels[adapter]
+                save({job[:3]: im for job, im in images.items() if job[3] == adapter}, label, meta)
+            rendered += len(jobs)
+            base_rendered = base_rendered or need_base
+            need_base = False
+            for epoch, lora_path, _, _ in group:
+                label = lora_path.stem
+                for strength in [float(s) for s in strengths]:
+                    if strength == 0:
+                        cells += [Cell(epoch, label, 0.0, p, seed, base_paths[(p.index, seed)], lora_path)
+                                  for p in prompts for seed in settings.seeds]
+                    else:
+                        cells += [Cell(epoch, label, strength, p, seed,
+                                       out_dir / "cells" / label / f"s{strength:g}" / f"p{p.index:02d}_seed{seed}.png",
+                                       lora_path) for p in prompts for seed in settings.seeds]
+            done += len(group)
     finally:
-        lora_io.unload(unet, text_encoder)
+        lora_io.unload_all(unet, text_encoder)
         bar.close()
+    if base_renders is not None and base_rendered:
+        base_renders[key] = dict(base_paths)
     timing["render_s"] = time.perf_counter() - started
     timing["images"] = rendered
+    timing["batch_size"] = plan.get(_plan_key(settings, unet))
     return cells
-
-
-def _font(size: int):
-    try:
-        return ImageFont.load_default(size=size)
-    except TypeError:  # Pillow without FreeType
-        return ImageFont.load_default()
-
-
-def draw_grid(images: List[List[Image.Image]], col_labels: List[str], row_labels: List[str],
-              title: str = "") -> Image.Image:
-    """An X/Y plot as A1111 draws it: column labels on top, row labels on the left."""
-    font = _font(14)
-    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
-
-    def text_size(text: str) -> Tuple[int, int]:
-        box = probe.textbbox((0, 0), text, font=font)
-        return box[2] - box[0], box[3] - box[1]
-
-    cell_w = max(im.width for row in images for im in row)
-    cell_h = max(im.height for row in images for im in row)
-    col_w = max([cell_w] + [text_size(t)[0] + 12 for t in col_labels])
-    left = max(text_size(t)[0] for t in row_labels) + 16
-    top = 28 + (24 if title else 0)
-    grid = Image.new("RGB", (left + col_w * len(col_labels), top + cell_h * len(row_labels)), "white")
-    draw = ImageDraw.Draw(grid)
-    if title:
-        draw.text((8, 6), title, fill="black", font=font)
-    for c, label in enumerate(col_labels):
-        w, _ = text_size(label)
-        draw.text((left + c * col_w + (col_w - w) // 2, top - 22), label, fill="black", font=font)
-    for r, label in enumerate(row_labels):
-        _, h = text_size(label)
-        draw.text((8, top + r * cell_h + (cell_h - h) // 2), label, fill="black", font=font)
-        for c, im in enumerate(images[r]):
-            grid.paste(im, (left + c * col_w + (col_w - im.width) // 2, top + r * cell_h))
-    return grid
-
-
-def write_grids(cells: List[Cell], strengths: Sequence[float], out_dir: Path) -> List[Path]:
-    """One grid PNG per prompt: X = epoch files, Y = strengths, seeds side by side in a cell."""
-    paths = []
-    labels = list(dict.fromkeys((c.epoch, c.label) for c in cells))
-    prompts = list(dict.fromkeys(c.prompt for c in cells))
-    by_key = {(c.label, c.strength, c.prompt.index, c.seed): c.path for c in cells}
-    seeds = sorted({c.seed for c in cells}, key=[c.seed for c in cells].index)
-    for prompt in prompts:
-        rows = []
-        for strength in strengths:
-            row = []
-            for _, label in labels:
-                ims = [Image.open(by_key[(label, float(strength), prompt.index, s)]).convert("RGB") for s in seeds]
-                strip = Image.new("RGB", (sum(i.width for i in ims), max(i.height for i in ims)), "white")
-                x = 0
-                for im in ims:
-                    strip.paste(im, (x, 0))
-                    x += im.width
-                row.append(strip)
-            rows.append(row)
-        col_labels = [f"epoch {e} ({label})" for e, label in labels]
-        grid = draw_grid(rows, col_labels, [f"strength {s:g}" for s in strengths], title=prompt.text)
-        path = out_dir / "grids" / f"p{prompt.index:02d}.png"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        grid.save(path)
-        paths.append(path)
-    return paths

@@ -149,7 +149,7 @@ class ClipEmbedder:
 
 @dataclass
 class References:
-    """Embeddings of the training images, computed once per evaluation."""
+    """Embeddings of the training images (a scorer computes them once per set of files)."""
 
     names: List[str]
     clip: torch.Tensor  # (n, d)
@@ -176,6 +176,7 @@ class Scorer:
     device: torch.device
     face: Optional[FaceEmbedder] = field(init=False, default=None)
     clip: ClipEmbedder = field(init=False)
+    _references: Dict[tuple, "References"] = field(init=False, default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
         self.clip = ClipEmbedder(self.clip_cfg, self.device)
@@ -196,6 +197,14 @@ class Scorer:
         return out
 
     def references(self, paths: Sequence[Path]) -> References:
+        """Embeddings of the training images, computed once per set of files (a worker's trials
+        on one dataset share them; a changed file is embedded again)."""
+        key = tuple((str(p), os.stat(p).st_mtime_ns, os.stat(p).st_size) for p in paths)
+        if key not in self._references:
+            self._references[key] = self._embed_references(paths)
+        return self._references[key]
+
+    def _embed_references(self, paths: Sequence[Path]) -> References:
         images = [Image.open(p).convert("RGB") for p in paths]
         clip = self.clip.images(images)
         centroid, ceiling = _centroid(clip)

@@ -228,8 +228,9 @@ def _alive(pid) -> bool:
     return True
 
 
-def work(config: Config, study_dir: Path) -> None:
-    """One worker: ask for trials until the study has none left."""
+def work(config: Config, study_dir: Path) -> float:
+    """One worker: ask for trials until the study has none left. Returns the seconds spent
+    loading the model, data and scorers (0 when there was nothing left to do)."""
     from optuna.trial import TrialState
 
     sweep = config.sweep
@@ -285,6 +286,7 @@ def work(config: Config, study_dir: Path) -> None:
             study.tell(trial, state=TrialState.PRUNED if state == PRUNED else TrialState.FAIL)
         score = f"{sweep.objective} {value:.4g}" if value is not None else fields.get("reason", "")
         log.info(f"trial {trial.number} {state} in {duration:.0f}s: {score}")
+    return worker.load_s if worker is not None else 0.0
 
 
 _DISK_ERRORS = (errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EDQUOT)
@@ -386,6 +388,7 @@ def run(config: Config) -> "leaderboard.pd.DataFrame":
 
         names = ", ".join(sorted(p.stem for p in (conf_dir() / "sweep").glob("*.yaml")))
         raise ConfigError(f"sweep: choose a sweep with +sweep=NAME (available: {names})")
+    entered = time.time()
     sweep = config.sweep
     check_keys(config)
     _check_inputs(config)  # bad input stops here, before any folder or trial exists
@@ -421,8 +424,10 @@ def run(config: Config) -> "leaderboard.pd.DataFrame":
             p.start()
         for p in procs:
             p.join()
-    else:
-        work(config, study_dir)
+    load_s = None
+    if sweep.workers <= 1:
+        load_s = work(config, study_dir)
+    reporting = time.time()
     table = leaderboard.build(study_dir)
     leaderboard.save(study_dir, table)
     log.info(leaderboard.render_text(table))
@@ -433,11 +438,24 @@ def run(config: Config) -> "leaderboard.pd.DataFrame":
     from lora_lab.report import build_report
 
     index = build_report(study_dir, Path(sweep.reports))
+    _write_timing(study_dir, entered, load_s, time.time() - reporting)
     log.info(f"leaderboard: {study_dir / 'leaderboard.csv'}")
     log.info(f"report: {index}")
     log.info(f"TensorBoard: tensorboard --logdir {study_dir}")
     _raise_if_all_failed(table)
     return table
+
+
+def _write_timing(study_dir: Path, entered: float, load_s: Optional[float], report_s: float) -> None:
+    """This run's time outside the trials: start-up (interpreter, imports, Hydra), loading (one
+    in-process worker), the leaderboard and report; the trials' own stages are in trial.json."""
+    import psutil
+
+    now = time.time()
+    started = psutil.Process().create_time()
+    atomic_write_text(study_dir / "timing.json", json.dumps({
+        "startup_s": round(entered - started, 3), "load_s": None if load_s is None else round(load_s, 3),
+        "report_s": round(report_s, 3), "process_s": round(now - started, 3)}, indent=2) + "\n")
 
 
 def _raise_if_all_failed(table) -> None:
@@ -450,9 +468,10 @@ def _raise_if_all_failed(table) -> None:
 
 
 def main() -> None:
-    from lora_lab.cli import hydra_entry
+    from lora_lab.cli import exit_now, hydra_entry
 
     hydra_entry(run)()
+    exit_now()
 
 
 if __name__ == "__main__":

@@ -268,6 +268,7 @@ def _loop(config, base, dataset, output_dir, on_epoch, accelerator, optimizer, l
     device = base.device
     unet, vae, text_encoder, tokenizer = base.unet, base.vae, base.text_encoder, base.tokenizer
     noise_scheduler = base.noise_scheduler
+    unet_dtype, vae_dtype = unet.dtype, vae.dtype  # each a walk over every parameter: once, not per step
     scaling = vae.config.scaling_factor
     shift = getattr(vae.config, "shift_factor", None) or 0.0
     generator = torch.Generator(device=device).manual_seed(t.seed)
@@ -295,7 +296,7 @@ def _loop(config, base, dataset, output_dir, on_epoch, accelerator, optimizer, l
                 else:  # no cache: the VAE encodes every image every step
                     with torch.no_grad():
                         pixels = torch.stack([cache.image_tensor(s, config.resolution) for s in batch])
-                        params_lat = vae.encode(pixels.to(device, vae.dtype)).latent_dist.parameters.float()
+                        params_lat = vae.encode(pixels.to(device, vae_dtype)).latent_dist.parameters.float()
                 latents = (Gaussian(params_lat).sample(generator=generator) - shift) * scaling
                 noise = torch.randn(latents.shape, generator=generator, device=device)
                 if t.noise_offset:
@@ -313,7 +314,7 @@ def _loop(config, base, dataset, output_dir, on_epoch, accelerator, optimizer, l
                             hidden = cache.encode_text(captions, tokenizer, text_encoder, t.clip_skip)
                     else:
                         hidden = torch.stack([text_cache[c] for c in captions]).to(device)
-                    pred = unet(noisy, timesteps, hidden.to(unet.dtype)).sample
+                    pred = unet(noisy, timesteps, hidden.to(unet_dtype)).sample
                 if base.prediction_type == "v_prediction":
                     target = noise_scheduler.get_velocity(latents, noise, timesteps)
                 else:
@@ -449,9 +450,10 @@ def run(config: Config) -> TrainResult:
 
 
 def main() -> None:
-    from lora_lab.cli import hydra_entry
+    from lora_lab.cli import exit_now, hydra_entry
 
     hydra_entry(run)()
+    exit_now()
 
 
 if __name__ == "__main__":

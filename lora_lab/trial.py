@@ -80,7 +80,9 @@ class Worker:
         self.suite = load_suite(config.eval.suite, dataset.token or "", dataset.suite)
         self.scorer = Scorer(self.suite.kind, config.eval.face, config.eval.clip, self.device)
         self.base_renders: Dict[tuple, list] = {}  # base-model images shared by this worker's trials
-        log.info(f"worker {os.getpid()}: loaded {self.base.source} and scorers in {time.time() - started:.1f}s")
+        self.render_plan: Dict[Any, Any] = {}  # the batch size chosen once for this worker
+        self.load_s = time.time() - started
+        log.info(f"worker {os.getpid()}: loaded {self.base.source} and scorers in {self.load_s:.1f}s")
 
     def dataset(self, config: Config):
         from lora_lab.data import load_dataset
@@ -100,6 +102,10 @@ class Worker:
         tdir.mkdir(parents=True, exist_ok=True)
         cfg = trial_config(self.config, params, tdir)
         check_environment(cfg.train, self.device)
+        if self.device.type == "cuda":
+            from lora_lab.render import reset_cuda_peak
+
+            reset_cuda_peak(self.device)
         atomic_write_text(tdir / "config.yaml", to_yaml(cfg))
         dataset = self.dataset(cfg)
         pruned_at: Dict[str, Any] = {}
@@ -110,13 +116,19 @@ class Worker:
             strengths=list(check.strengths) if check.strengths else list(cfg.eval.strengths),
             steps=check.steps or cfg.eval.steps))
 
+        check_s = [0.0, 0]  # the per-epoch checks' time (inside train_s) and images
+
         def on_epoch(epoch: int, path: Path, loss: float) -> bool:
             if sweep.pruner == "none" or epoch == cfg.train.epochs:
                 return False
+            clock = time.perf_counter()
             ev = evaluate(cheap, self.base, dataset, tdir / "lora", tdir / "prune" / f"epoch_{epoch}",
                           scorer=self.scorer, suite=self.suite.limited(sweep.prune_eval.max_prompts),
-                          progress=False, epochs=[epoch], base_renders=self.base_renders)
+                          progress=False, epochs=[epoch], base_renders=self.base_renders,
+                          render_plan=self.render_plan)
             value = objective_value(ev.verdict, ev.judged, sweep.objective)
+            check_s[0] += time.perf_counter() - clock
+            check_s[1] += ev.timing["images"]
             trial.report(value, epoch)
             log.info(f"  trial {trial.number} epoch {epoch}: {sweep.objective} {value:.4g} (loss {loss:.4f})")
             if trial.should_prune():
@@ -133,12 +145,17 @@ class Worker:
             return PRUNED, None, {"reason": reason, "pruned_at_epoch": pruned_at["epoch"]}
         ev = evaluate(cfg, self.base, dataset, tdir / "lora", tdir, scorer=self.scorer,
                       suite=self.suite.limited(cfg.eval.max_prompts), progress=False, tb_dir=tdir / "tb",
-                      base_renders=self.base_renders)
+                      base_renders=self.base_renders, render_plan=self.render_plan)
         value = objective_value(ev.verdict, ev.judged, sweep.objective)
         timing = {"setup_s": round(result.setup_s, 3), "train_s": round(result.train_s, 3), "steps": result.steps,
-                  "render_s": round(ev.timing["render_s"], 3), "switch_s": round(ev.timing["switch_s"], 3),
-                  "attach_s": round(ev.timing["attach_s"], 3),
-                  "images": ev.timing["images"]}
+                  "check_s": round(check_s[0], 3), "check_images": check_s[1],
+                  **{k: round(ev.timing[k], 3) for k in ("render_s", "png_s", "switch_s", "attach_s", "write_s",
+                                                         "score_s", "judge_s")},
+                  "images": ev.timing["images"], "batch_size": ev.timing["batch_size"]}
+        if self.device.type == "cuda":
+            from lora_lab.render import cuda_peak_bytes
+
+            timing["peak_gpu_mb"] = round(cuda_peak_bytes(self.device) / 2**20, 1)
         best = ev.verdict["best"] or {}
         log_hparams(tdir / "tb", params, {"objective": value, "likeness": best.get("likeness"),
                                           "adherence": best.get("adherence"),

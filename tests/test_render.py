@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -9,7 +10,8 @@ from PIL import Image
 from lora_lab import lora_io
 from lora_lab.config import TrainConfig
 from lora_lab.errors import ConfigError, LoraLabError
-from lora_lab.render import SAMPLERS, RenderSettings, draw_grid, infotext, make_scheduler
+from lora_lab.grids import draw_grid
+from lora_lab.render import SAMPLERS, RenderSettings, infotext, make_scheduler
 
 
 def _random_lora(pipe, seed, conv=True):
@@ -133,3 +135,161 @@ def test_grid_layout():
     assert centres[(0, 0)][1] < centres[(0, 1)][1] < centres[(0, 2)][1]  # X axis: epochs left to right
     assert centres[(0, 2)][0] < centres[(1, 2)][0]  # Y axis: strengths top to bottom
     assert min(y for y, _ in centres.values()) > 30  # labels above the cells
+
+
+def _pipe_images(pipe, n_prompts, seeds, cfg_scale, **kwargs):
+    return pipe(prompt=["photo of sks woman"] * n_prompts, negative_prompt=["blurry"] * n_prompts,
+                num_inference_steps=3, guidance_scale=cfg_scale, height=32, width=32, output_type="np",
+                generator=[torch.Generator().manual_seed(s) for s in seeds], **kwargs).images
+
+
+@pytest.mark.parametrize("cfg_scale", [7.0, 1.0])  # with classifier-free guidance (batch doubled) and without
+def test_batched_strengths_equal_one_at_a_time(base, cfg_scale):
+    pipe = base.pipe
+    pipe.set_progress_bar_config(disable=True)
+    tensors = _random_lora(pipe, 4)
+    strengths, seeds = [0.0, 0.5, 1.0, 1.5], [11, 12, 13, 14]
+    base_images = _pipe_images(pipe, 4, seeds, cfg_scale)
+    lora_io.load_into(pipe.unet, pipe.text_encoder, tensors)
+    try:
+        single = []
+        for s, seed in zip(strengths, seeds):
+            lora_io.set_strength(pipe.unet, pipe.text_encoder, s)
+            single.append(_pipe_images(pipe, 1, [seed], cfg_scale)[0])
+        with lora_io.SampleStrengths(pipe.unet, pipe.text_encoder) as per_sample:
+            per_sample.set(strengths)
+            batched = _pipe_images(pipe, 4, seeds, cfg_scale)
+    finally:
+        lora_io.unload(pipe.unet, pipe.text_encoder)
+    for i in range(4):
+        np.testing.assert_allclose(batched[i], single[i], atol=1e-4, rtol=0)
+    np.testing.assert_allclose(batched[0], base_images[0], atol=1e-4, rtol=0)  # strength 0: the base model
+    assert np.abs(batched[3] - batched[0]).max() > 1e-2  # the LoRA changes the picture
+    assert np.abs(batched[3] - batched[2]).max() > 1e-3  # and 1.5 differs from 1
+
+
+def test_sample_strengths_refuse_a_batch_they_do_not_describe(base):
+    pipe = base.pipe
+    lora_io.load_into(pipe.unet, pipe.text_encoder, _random_lora(pipe, 5))
+    try:
+        with lora_io.SampleStrengths(pipe.unet, pipe.text_encoder) as per_sample:
+            per_sample.set([1.0, 0.5, 0.0])
+            with pytest.raises(RuntimeError, match="LoRA strengths for 3 samples, but a layer saw a batch of 4"):
+                pipe.text_encoder(torch.zeros(4, 77, dtype=torch.long))
+        # Leaving the block removes the hooks: any batch size runs again.
+        pipe.text_encoder(torch.zeros(4, 77, dtype=torch.long))
+    finally:
+        lora_io.unload(pipe.unet, pipe.text_encoder)
+
+
+def test_auto_batch_size_from_free_memory():
+    from lora_lab.render import AUTO_MAX_BATCH, MEMORY_SHARE, auto_batch_size
+
+    gib = 2**30
+    assert auto_batch_size(None, 100 * gib) == 8  # unmeasured: a safe default
+    assert auto_batch_size(gib, 10 * gib) == int(10 * MEMORY_SHARE)  # memory-bound
+    assert auto_batch_size(gib, gib // 2) == 1  # never below one image
+    assert auto_batch_size(2**20, 100 * gib) == AUTO_MAX_BATCH
+
+
+def test_peak_memory_of_a_call_is_measured_on_cpu():
+    from lora_lab.render import _PeakMemory
+
+    with _PeakMemory(torch.device("cpu")) as peak:
+        block = torch.ones(64 * 2**20 // 4)  # 64 MiB, touched
+        del block
+    assert peak.bytes is not None and 48 * 2**20 < peak.bytes < 512 * 2**20
+
+
+def test_render_batches_every_strength_of_an_epoch(base, tmp_path):
+    from lora_lab.render import render
+    from lora_lab.suite import Prompt
+
+    pipe = base.pipe
+    files = [(1, tmp_path / "a-000001.safetensors", _random_lora(pipe, 6), {}),
+             (2, tmp_path / "a-000002.safetensors", _random_lora(pipe, 7), {})]
+    prompts = [Prompt("likeness", "photo of sks woman", None, 0), Prompt("adaptability", "sks woman, red hair", None, 1)]
+    settings = RenderSettings("Euler a", 2, 7.0, 32, [1, 2], "", "tiny", batch_size=None)
+    calls = []
+    original = pipe.__class__.__call__
+
+    def counting(self, *args, **kwargs):
+        calls.append(len(kwargs["prompt"]))
+        return original(self, *args, **kwargs)
+
+    plan, timing = {}, {}
+    pipe.__class__.__call__ = counting
+    try:
+        cells = render(pipe, files, [0.0, 0.5, 1.0], prompts, settings, tmp_path, progress=False, timing=timing,
+                       plan=plan)
+    finally:
+        pipe.__class__.__call__ = original
+    size = timing["batch_size"]
+    assert size == plan[("batch", 32, "cpu")] and 1 <= size <= 32
+    # Epoch 1: 4 base + 8 LoRA images, the first call probing one image; epoch 2: 8 images.
+    assert calls[0] == 1 and sum(calls) == 4 + 8 + 8
+    assert len(calls) == 1 + -(-11 // size) + -(-8 // size)
+    assert timing["images"] == 20 and len(cells) == 2 * 3 * 2 * 2
+    text = Image.open(tmp_path / "cells" / "a-000002" / "s0.5" / "p01_seed2.png").text["parameters"]
+    assert text.startswith("sks woman, red hair <lora:a-000002:0.5>") and "Seed: 2," in text
+    assert "<lora:" not in Image.open(tmp_path / "cells" / "base" / "p00_seed1.png").text["parameters"]
+
+
+@pytest.mark.parametrize("cfg_scale", [7.0, 1.0])
+def test_several_files_share_a_batch_and_each_image_matches_its_own_render(base, cfg_scale):
+    pipe = base.pipe
+    pipe.set_progress_bar_config(disable=True)
+    first, second = _random_lora(pipe, 8), _random_lora(pipe, 9, conv=False)  # different layouts too
+    seeds = [21, 22, 23, 24]
+    plan = [(first, 0.0), (first, 0.7), (second, 1.0), (first, 1.0)]
+    base_images = _pipe_images(pipe, 1, seeds[:1], cfg_scale)
+    single = []
+    try:
+        for (tensors, s), seed in zip(plan, seeds):
+            lora_io.load_into(pipe.unet, pipe.text_encoder, tensors)
+            lora_io.set_strength(pipe.unet, pipe.text_encoder, s)
+            single.append(_pipe_images(pipe, 1, [seed], cfg_scale)[0])
+        names = [lora_io.eval_adapter(0), lora_io.eval_adapter(1)]
+        lora_io.load_into(pipe.unet, pipe.text_encoder, first, adapter=names[0])
+        lora_io.load_into(pipe.unet, pipe.text_encoder, second, adapter=names[1])
+        with lora_io.SampleStrengths(pipe.unet, pipe.text_encoder, names) as per_sample:
+            per_sample.set([s for _, s in plan], [names[0], names[0], names[1], names[0]])
+            batched = _pipe_images(pipe, 4, seeds, cfg_scale)
+    finally:
+        lora_io.unload_all(pipe.unet, pipe.text_encoder)
+    assert not any(n.startswith(lora_io.EVAL_ADAPTER) for n in getattr(pipe.unet, "peft_config", {}) or {})
+    for i in range(4):
+        np.testing.assert_allclose(batched[i], single[i], atol=1e-4, rtol=0)
+    np.testing.assert_allclose(batched[0], base_images[0], atol=1e-4, rtol=0)
+    assert np.abs(batched[2] - batched[3]).max() > 1e-2  # the second file is not the first
+
+
+def test_render_puts_several_epochs_in_one_call_when_the_batch_holds_them(base, tmp_path):
+    from lora_lab.render import render
+    from lora_lab.suite import Prompt
+
+    pipe = base.pipe
+    files = [(e, tmp_path / f"a-00000{e}.safetensors", _random_lora(pipe, 10 + e), {}) for e in (1, 2, 3)]
+    prompts = [Prompt("likeness", "photo of sks woman", None, 0)]
+    settings = RenderSettings("Euler a", 2, 7.0, 32, [1, 2], "", "tiny", batch_size=10)
+    calls = []
+    original = pipe.__class__.__call__
+
+    def counting(self, *args, **kwargs):
+        calls.append(len(kwargs["prompt"]))
+        return original(self, *args, **kwargs)
+
+    pipe.__class__.__call__ = counting
+    try:
+        cells = render(pipe, files, [0.0, 0.5, 1.0], prompts, settings, tmp_path, progress=False)
+    finally:
+        pipe.__class__.__call__ = original
+    # 4 images per epoch: a batch of 10 holds two epochs (plus the 2 base images), then one.
+    assert calls == [10, 4]
+    assert len(cells) == 3 * 3 * 2
+    for e in (1, 2, 3):
+        text = Image.open(tmp_path / "cells" / f"a-00000{e}" / "s1" / "p00_seed2.png").text["parameters"]
+        assert f"<lora:a-00000{e}:1>" in text
+    # Each epoch's image is its own file's: epochs differ pixel for pixel.
+    px = [np.asarray(Image.open(tmp_path / "cells" / f"a-00000{e}" / "s1" / "p00_seed1.png")) for e in (1, 2, 3)]
+    assert not np.array_equal(px[0], px[1]) and not np.array_equal(px[1], px[2])

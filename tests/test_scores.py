@@ -71,3 +71,24 @@ def test_diversity():
     assert diversity([a, a]) == pytest.approx(0.0)
     assert diversity([a, b]) == pytest.approx(1.0)
     assert math.isnan(diversity([a]))
+
+
+def test_references_are_embedded_once_per_set_of_files(demo_dir, tmp_path):
+    import os
+    import shutil
+
+    scorer = Scorer("object", FaceScorerConfig(pretrained=None), TINY_CLIP, torch.device("cpu"))
+    paths = []
+    for src in sorted((demo_dir / "10_sks woman").glob("*.png"))[:3]:
+        paths.append(tmp_path / src.name)
+        shutil.copyfile(src, paths[-1])
+    calls = []
+    embed = scorer.clip.images
+    scorer.clip.images = lambda images: calls.append(len(images)) or embed(images)
+    first = scorer.references(paths)
+    assert scorer.references(list(paths)) is first and calls == [3]  # a second trial: no work
+    assert scorer.references(paths[:2]) is not first and calls == [3, 2]  # another set of files
+    Image.open(paths[1]).transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(paths[0])  # a file changed
+    os.utime(paths[0], ns=(1, 1))
+    again = scorer.references(paths)
+    assert calls == [3, 2, 3] and not torch.equal(again.clip[0], first.clip[0])

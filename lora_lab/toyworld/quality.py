@@ -98,7 +98,7 @@ def prompt_following(pipe, n: int = 96, seed: int = 3, shapes: bool = False) -> 
     """The read-out's agreement with prompts naming hair colour, eye colour and background;
     with ``shapes``, prompts that also name the hair style and a cheek mark (not a bar of the
     issue, but what a LoRA of the subject needs: spiky hair and a star)."""
-    from lora_lab.render import RenderSettings, _generate
+    from lora_lab.render import RenderSettings, generate
     from lora_lab.suite import Prompt
 
     rng = random.Random(f"prompts/{seed}" + ("/shapes" if shapes else ""))
@@ -114,8 +114,9 @@ def prompt_following(pipe, n: int = 96, seed: int = 3, shapes: bool = False) -> 
     prompts = [Prompt("adaptability", text, None, i) for i, text in enumerate(texts)]
     settings = RenderSettings(sampler="Euler a", steps=20, cfg_scale=7.0, size=nets.RESOLUTION, seeds=[seed],
                               negative_prompt="", model_name="toyworld", batch_size=32)
-    images = _generate(pipe, prompts, settings)
-    seen = assets.read(assets.load_readout(), [images[(p.index, seed)] for p in prompts])
+    jobs = [(p, seed, 0.0) for p in prompts]
+    images = generate(pipe, jobs, settings)
+    seen = assets.read(assets.load_readout(), [images[job] for job in jobs])
     per = {name: sum(s[name] == want[j] for s, want in zip(seen, asked)) / n for j, name in enumerate(names)}
     per["all_three"] = sum(all(s[name] == want[j] for j, name in enumerate(PROMPTED))
                            for s, want in zip(seen, asked)) / n
