@@ -24,6 +24,7 @@ from typing import List, Optional
 import pandas as pd
 
 from lora_lab import leaderboard
+from lora_lab.report_front import front_page, progress
 from lora_lab.tb import read_scalars
 
 TEMPLATES = Path(__file__).resolve().parent / "templates"
@@ -45,9 +46,14 @@ def _plt():
     return plt
 
 
-def _fmt(value, digits: int = 4) -> str:
+_INTEGER = ("best_epoch", "val_loss_epoch", "trial")  # whole numbers, even in a column with blanks
+
+
+def _fmt(value, digits: int = 4, integer: bool = False) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return ""
+    if integer and isinstance(value, float) and value.is_integer():
+        return str(int(value))
     if isinstance(value, float):
         return f"{value:.{digits}g}"
     return str(value)
@@ -189,7 +195,11 @@ def _trial_page(env, study: dict, tdir: Path, out: Path, warnings: List[str]) ->
         for folder, counts in freq.items():
             for tag, n in sorted(counts.items(), key=lambda kv: -kv[1]):
                 tags.append((f"{folder} ({n}x)", tag))
-    shown_cells = [{**c, "likeness": _fmt(c.get("likeness")), "adherence": _fmt(c.get("adherence"))} for c in cells]
+    # The base model's row is the same for every epoch: shown once, first.
+    base_rows = [c for c in cells if c.get("verdict") == "base"][:1]
+    shown_cells = [{**c, "epoch": "any" if c.get("verdict") == "base" else c.get("epoch"),
+                    "likeness": _fmt(c.get("likeness")), "adherence": _fmt(c.get("adherence"))}
+                   for c in base_rows + [c for c in cells if c.get("verdict") != "base"]]
     t = {"number": info.get("number", tdir.name.split("_")[1]), "state": info.get("state", "unknown"),
          "params": info.get("params", {}), "objective_text": _fmt(info.get("objective")),
          "reason": info.get("reason", ""), "duration": info.get("duration_s"), "error": error}
@@ -197,6 +207,25 @@ def _trial_page(env, study: dict, tdir: Path, out: Path, warnings: List[str]) ->
                                                    figures=figures, grids=grids, captions=tags[:200],
                                                    warnings=[n for n in verdict.get("notes", []) if n in warnings])
     (page_dir / "index.html").write_text(html, encoding="utf-8")
+
+
+def _stamp(tdir: Path, info: dict) -> str:
+    """What a trial page is drawn from, as sizes and times: equal stamps, equal pages."""
+    files = []
+    for name in ("trial.json", "verdict.json", "scores.csv", "error.txt"):
+        try:
+            st = (tdir / name).stat()
+            files.append([name, st.st_size, st.st_mtime_ns])
+        except OSError:
+            pass
+    return json.dumps({"state": info.get("state"), "files": files})
+
+
+def _read_text(path: Path) -> Optional[str]:
+    try:
+        return path.read_text(encoding="utf-8")
+    except OSError:
+        return None
 
 
 def build_report(study_dir: Path, reports_root: Path = Path("reports")) -> Path:
@@ -222,14 +251,16 @@ def build_report(study_dir: Path, reports_root: Path = Path("reports")) -> Path:
                                                   "adherence", "snippet", "reason"]
         rows = []
         for r in table.to_dict(orient="records"):
-            text = {c: _fmt(r.get(c)) for c in columns}
+            text = {c: _fmt(r.get(c), integer=c in _INTEGER) for c in columns}
             sort = {c: ("" if r.get(c) is None or (isinstance(r.get(c), float) and math.isnan(r.get(c)))
                         else r.get(c)) for c in columns}
             rows.append({"trial": r["trial"], "state": r["state"], "text": text, "sort": sort})
         winner_row = leaderboard.best(table)
         winner = None
         if winner_row is not None:
-            winner = {**winner_row.to_dict(), "objective_text": _fmt(winner_row.objective)}
+            winner = {**winner_row.to_dict(), "objective_text": _fmt(winner_row.objective),
+                      "best_epoch_text": _fmt(winner_row.best_epoch, integer=True)}
+        front = front_page(study_dir, tmp, winner, previous=target)
         figures = _param_figures(table, params, tmp, study)
         pareto = _pareto_figure(study_dir, tmp)
         if pareto:
@@ -237,13 +268,20 @@ def build_report(study_dir: Path, reports_root: Path = Path("reports")) -> Path:
         definition = [(k, json.dumps(v) if isinstance(v, (dict, list)) else v) for k, v in study.items()]
         html = env.get_template("index.html.j2").render(
             study=study, rows=rows, columns=columns, winner=winner, figures=figures, definition=definition,
-            warnings=warnings, built=time.strftime("%Y-%m-%d %H:%M"))
+            warnings=warnings, built=time.strftime("%Y-%m-%d %H:%M:%S"), front=front,
+            progress=progress(study_dir, table, study))
         (tmp / "index.html").write_text(html, encoding="utf-8")
         for tdir in sorted(study_dir.glob("trial_*")):
             info = _read_json(tdir / "trial.json") or {}
             if info.get("state") in ("duplicate", "retried"):
                 continue
+            stamp = _stamp(tdir, info)
+            previous = target / tdir.name
+            if info.get("state") != "running" and _read_text(previous / ".stamp") == stamp:
+                shutil.copytree(previous, tmp / tdir.name)  # unchanged since the last build: no redrawing
+                continue
             _trial_page(env, study, tdir, tmp, warnings)
+            (tmp / tdir.name / ".stamp").write_text(stamp, encoding="utf-8")
         os.chmod(tmp, 0o755)
         old = reports_root / f".{study_dir.name}-old-{os.getpid()}"
         try:

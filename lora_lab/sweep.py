@@ -247,6 +247,7 @@ def work(config: Config, study_dir: Path) -> float:
             break
         if worker is None:
             worker = Worker(config, study_dir)
+            worker.after_check = lambda: live_report(study_dir, Path(sweep.reports))
         trial = study.ask()
         params = _suggest(trial, sweep)
         key = json.dumps(params, sort_keys=True, default=str)
@@ -286,7 +287,26 @@ def work(config: Config, study_dir: Path) -> float:
             study.tell(trial, state=TrialState.PRUNED if state == PRUNED else TrialState.FAIL)
         score = f"{sweep.objective} {value:.4g}" if value is not None else fields.get("reason", "")
         log.info(f"trial {trial.number} {state} in {duration:.0f}s: {score}")
+        live_report(study_dir, Path(sweep.reports), log_progress=True)
     return worker.load_s if worker is not None else 0.0
+
+
+def live_report(study_dir: Path, reports: Path, log_progress: bool = False) -> Optional[Path]:
+    """Rewrite the study's report now (it is swapped in whole, so a reader never sees half of
+    one) and, with ``log_progress``, print the progress line it shows. A report that cannot be
+    written is said once per call and never stops the study."""
+    from lora_lab.report import build_report
+    from lora_lab.report_front import progress, progress_text
+
+    try:
+        index = build_report(study_dir, reports)
+    except Exception as exc:  # the study matters more than its report
+        log.warning(f"report not updated: {exc.__class__.__name__}: {exc}")
+        return None
+    if log_progress:
+        study = json.loads((study_dir / "study.json").read_text())
+        log.info(progress_text(progress(study_dir, leaderboard.build(study_dir), study)))
+    return index
 
 
 _DISK_ERRORS = (errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EDQUOT)
@@ -406,11 +426,15 @@ def run(config: Config) -> "leaderboard.pd.DataFrame":
     definition = {"name": sweep.name, "direction": sweep.direction, "objective": sweep.objective,
                   "sampler": sweep.sampler, "pruner": sweep.pruner, "grid": sweep.grid,
                   "variants": sweep.variants, "space": sweep.space, "fixed": sweep.fixed,
-                  "n_trials": sweep.n_trials}
+                  "n_trials": sweep.n_trials,
+                  "total_trials": sweep.grid_size() if sweep.sampler == "grid" else sweep.n_trials}
     atomic_write_text(study_dir / "study.json", json.dumps(definition, indent=2, default=str) + "\n")
     atomic_write_text(study_dir / "sweep.yaml", to_yaml(config))
     log.info(f"study {sweep.name}: {sweep.grid_size() if sweep.sampler == 'grid' else sweep.n_trials} trials "
              f"({sweep.sampler}), objective {sweep.objective}, folder {study_dir}")
+    index = live_report(study_dir, Path(sweep.reports))
+    if index is not None:
+        log.info(f"report (rewritten after every trial and per-epoch check; reload it): {index}")
     if sweep.workers > 1:
         import multiprocessing as mp
 

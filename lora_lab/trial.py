@@ -81,6 +81,7 @@ class Worker:
         self.scorer = Scorer(self.suite.kind, config.eval.face, config.eval.clip, self.device)
         self.base_renders: Dict[tuple, list] = {}  # base-model images shared by this worker's trials
         self.render_plan: Dict[Any, Any] = {}  # the batch size chosen once for this worker
+        self.after_check = None  # called after every per-epoch check (the sweep rewrites its report)
         self.load_s = time.time() - started
         log.info(f"worker {os.getpid()}: loaded {self.base.source} and scorers in {self.load_s:.1f}s")
 
@@ -131,6 +132,8 @@ class Worker:
             check_s[1] += ev.timing["images"]
             trial.report(value, epoch)
             log.info(f"  trial {trial.number} epoch {epoch}: {sweep.objective} {value:.4g} (loss {loss:.4f})")
+            if self.after_check is not None:
+                self.after_check()
             if trial.should_prune():
                 pruned_at.update(epoch=epoch, value=value)
                 return True

@@ -67,3 +67,37 @@ def test_report_in_headless_chromium(browser, script_study, tmp_path):
     browser.save_screenshot(str(tmp_path / "trial.png"))
     errors = [e for e in browser.get_log("browser") if e["level"] == "SEVERE"]
     assert errors == []
+
+
+def test_front_page_pictures_in_chromium_and_a_running_study_reads(browser, script_study, tmp_path):
+    import json
+    import shutil
+
+    from selenium.webdriver.common.by import By
+
+    from lora_lab.report import build_report
+
+    _, report = script_study
+    browser.get((report / "index.html").as_uri())
+    winner = browser.find_elements(By.CSS_SELECTOR, "#winner img.thumb")
+    assert len(winner) == 4 and all(browser.execute_script("return arguments[0].naturalWidth", i) > 0 for i in winner)
+    assert browser.find_element(By.ID, "winner").location["y"] < 900  # in the first screen, no scrolling
+    cells = browser.find_elements(By.CSS_SELECTOR, "#trials-by-strength td.cell")
+    assert len(cells) == 2 * 3  # trials x strengths
+    assert "vs base (raw" in cells[1].get_attribute("title")
+    cells[4].find_element(By.TAG_NAME, "a").click()
+    assert browser.find_element(By.TAG_NAME, "h1").text.startswith("Trial 1")
+
+    study, _ = script_study
+    copy = tmp_path / "smoke"
+    shutil.copytree(study, copy)
+    info = json.loads((copy / "trial_1" / "trial.json").read_text())
+    (copy / "trial_1" / "trial.json").write_text(json.dumps({**info, "state": "running", "duration_s": None}))
+    (copy / "trial_1" / "verdict.json").unlink()
+    running = build_report(copy, tmp_path / "reports")
+    browser.get(running.as_uri())
+    assert browser.find_element(By.ID, "progress").text.startswith("Running (reload for news): 1 of 2 trials done")
+    assert len(browser.find_elements(By.CSS_SELECTOR, "#leaderboard tbody tr")) == 2
+    assert len(browser.find_elements(By.CSS_SELECTOR, "#trials-by-strength td.cell")) == 3  # the finished trial
+    assert all(ok for _, ok in _images_loaded(browser))
+    assert [e for e in browser.get_log("browser") if e["level"] == "SEVERE"] == []
