@@ -30,6 +30,8 @@ def _grow(study: Path, trials: int) -> None:
         shutil.copytree(src, dst)
         info = json.loads((dst / "trial.json").read_text())
         (dst / "trial.json").write_text(json.dumps({**info, "number": n}))
+        for name in ("scores.csv", "verdict.json"):  # the copy's own images and files
+            (dst / name).write_text((dst / name).read_text().replace(f"{src}/", f"{dst}/"))
     definition = json.loads((study / "study.json").read_text())
     (study / "study.json").write_text(json.dumps({**definition, "total_trials": trials}))
 

@@ -101,3 +101,19 @@ def test_front_page_pictures_in_chromium_and_a_running_study_reads(browser, scri
     assert len(browser.find_elements(By.CSS_SELECTOR, "#trials-by-strength td.cell")) == 3  # the finished trial
     assert all(ok for _, ok in _images_loaded(browser))
     assert [e for e in browser.get_log("browser") if e["level"] == "SEVERE"] == []
+
+
+def test_bench_report_times_a_grown_study_in_chromium(tmp_path, cache_dir, demo_dir):
+    import json
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "lora_lab.bench", "report", "--trials", "5", "--cache-dir",
+                           str(cache_dir), "--out", str(tmp_path)], capture_output=True, text=True, timeout=600,
+                          cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads((tmp_path / "report.json").read_text())
+    assert result["trials"] == 6 and 0 < result["page"]["load_s"] < 60
+    assert result["page"]["images"] >= 6 * 3 and result["size"]["thumbs"] >= 6 * 3 * 2  # each trial its own
+    assert "front page in Chromium: loaded in" in proc.stdout and "target < 2 s" in proc.stdout
+    assert len(list((tmp_path / "report" / "big").glob("trial_*"))) == 6
