@@ -24,7 +24,7 @@ from typing import List, Optional
 import pandas as pd
 
 from lora_lab import leaderboard
-from lora_lab.report_front import front_page, progress
+from lora_lab.report_front import change, front_page, progress
 from lora_lab.tb import read_scalars
 
 TEMPLATES = Path(__file__).resolve().parent / "templates"
@@ -197,9 +197,16 @@ def _trial_page(env, study: dict, tdir: Path, out: Path, warnings: List[str]) ->
                 tags.append((f"{folder} ({n}x)", tag))
     # The base model's row is the same for every epoch: shown once, first.
     base_rows = [c for c in cells if c.get("verdict") == "base"][:1]
-    shown_cells = [{**c, "epoch": "any" if c.get("verdict") == "base" else c.get("epoch"),
-                    "likeness": _fmt(c.get("likeness")), "adherence": _fmt(c.get("adherence"))}
-                   for c in base_rows + [c for c in cells if c.get("verdict") != "base"]]
+    base_of = {c.get("epoch"): c for c in cells if c.get("verdict") == "base"}
+    shown_cells = []
+    for c in base_rows + [c for c in cells if c.get("verdict") != "base"]:
+        b = base_of.get(c.get("epoch"), {})
+        is_base = c.get("verdict") == "base"
+        shown_cells.append({**c, "epoch": "any" if is_base else c.get("epoch"),
+                            "likeness": _fmt(c.get("likeness")), "adherence": _fmt(c.get("adherence")),
+                            "likeness_change": "baseline" if is_base else change(c.get("likeness"), b.get("likeness")),
+                            "adherence_change": "baseline" if is_base else
+                            change(c.get("adherence"), b.get("adherence"), pct=True)})
     t = {"number": info.get("number", tdir.name.split("_")[1]), "state": info.get("state", "unknown"),
          "params": info.get("params", {}), "objective_text": _fmt(info.get("objective")),
          "reason": info.get("reason", ""), "duration": info.get("duration_s"), "error": error}

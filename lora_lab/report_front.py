@@ -30,7 +30,8 @@ def _num(x) -> Optional[float]:
     return None if x is None or (isinstance(x, float) and math.isnan(x)) else float(x)
 
 
-def _change(value, base, pct: bool = False) -> str:
+def change(value, base, pct: bool = False) -> str:
+    """``value`` as change from the base model's: +0.123, or +12% with ``pct``; n/a when unmeasured."""
     v, b = _num(value), _num(base)
     if v is None or b is None:
         return "n/a"
@@ -117,8 +118,8 @@ class TrialCells:
             hover = "the base model (strength 0)"
         else:
             hover = (f"epoch {epoch}, strength {strength:g}: {verdict}. "
-                     f"likeness {_change(c.get('likeness'), base.get('likeness'))} vs base "
-                     f"(raw {_fmt(c.get('likeness'))}), adherence {_change(c.get('adherence'), base.get('adherence'), True)}"
+                     f"likeness {change(c.get('likeness'), base.get('likeness'))} vs base "
+                     f"(raw {_fmt(c.get('likeness'))}), adherence {change(c.get('adherence'), base.get('adherence'), True)}"
                      f" vs base (raw {_fmt(c.get('adherence'))}). " + "; ".join(c.get("reasons", [])[:1]))
         return {"verdict": verdict, "images": shown, "hover": hover, "trial": self.number}
 

@@ -48,6 +48,10 @@ def test_front_page_shows_the_winner_and_every_trial_in_pictures(script_study):
     # The trial page lists the base model once, not once per epoch.
     page = (rep / "trial_0" / "index.html").read_text(encoding="utf-8")
     assert page.count('<tr class="v-base">') == 1
+    assert "<th>likeness vs base</th><th>adherence vs base</th>" in page
+    changes = re.findall(r'<td title="raw ([^"]*)">([^<]*)</td>', page)
+    assert changes[:2] == [(changes[0][0], "baseline"), (changes[1][0], "baseline")]
+    assert len(changes) == 2 * 3 and all(re.fullmatch(r"[+-]\d+\.\d{3}|[+-]\d+%|n/a", c) for _, c in changes[2:])
 
 
 def test_a_running_study_reads_as_running_with_an_estimate(script_study, tmp_path):
