@@ -18,6 +18,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from lora_lab.data import Sample, load_image
+from lora_lab.files import publish_file
 
 CROP_RULE = "short-side-resize+center-crop/v1"
 
@@ -37,7 +38,7 @@ def atomic_save(tensors: Dict[str, torch.Tensor], path: Path, metadata: Dict[str
     os.close(fd)
     try:
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
-        os.replace(tmp, path)
+        publish_file(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)

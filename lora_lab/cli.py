@@ -8,7 +8,7 @@ import os
 import sys
 from typing import Callable, Dict, List, Tuple
 
-from lora_lab.config import Config, conf_dir, register, to_config
+from lora_lab.config import Config, conf_dir, register, set_explicit_keys, to_config
 from lora_lab.errors import ConfigError, LoraLabError
 
 
@@ -89,6 +89,12 @@ def hydra_entry(task: Callable[[Config], object]) -> Callable[[], None]:
         except LoraLabError as exc:
             print(f"error: {exc}", file=sys.stderr)
             sys.exit(2)
+        except Exception as exc:  # a library's error: one sentence here, the trace in a file
+            module = task.__module__
+            if module == "__main__":  # under python -m: the module's own name
+                module = getattr(getattr(sys.modules["__main__"], "__spec__", None), "name", "lora_lab")
+            print(f"error: {unexpected(exc, module, cfg)}", file=sys.stderr)
+            sys.exit(1)
 
     @functools.wraps(task)
     def run() -> None:
@@ -98,10 +104,34 @@ def hydra_entry(task: Callable[[Config], object]) -> Callable[[], None]:
             print(f"error: {exc}", file=sys.stderr)
             sys.exit(2)
         tables.update(found)
+        set_explicit_keys(rest + list(found))
         sys.argv[1:] = rest
         _main()
 
     return run
+
+
+def unexpected(exc: BaseException, command: str, cfg) -> str:
+    """The sentence for an error no check foresaw (a library's, mid-run): what stopped, the
+    cause's first line, and the log file the full trace was written to."""
+    import time
+    import traceback
+    from pathlib import Path
+
+    name = command.rsplit(".", 1)[-1]
+    folder = Path(str(cfg.get("cache_dir") or "sweeps/.cache")).expanduser().parent / "logs"
+    log_file = folder / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
+    trace = "".join(traceback.format_exception(exc))
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        log_file.write_text(f"python -m {command} {' '.join(sys.argv[1:])}\n\n{trace}", encoding="utf-8")
+        where = f"the full trace is in {log_file}"
+    except OSError:
+        where = "the trace could not be written to a file:\n" + trace
+    first = (str(exc).strip().splitlines() or [""])[0]
+    cause = f"{exc.__class__.__name__}: {first}" if first else exc.__class__.__name__
+    context = "".join(f" ({note})" for note in getattr(exc, "__notes__", []))
+    return f"{name} stopped on an unexpected error from a library{context}: {cause}; {where}"
 
 
 def exit_now(code: int = 0) -> None:
@@ -126,6 +156,7 @@ def compose(overrides: list[str] | None = None) -> Config:
 
     register()
     rest, tables = split_tables(list(overrides or []))
+    set_explicit_keys(rest + list(tables))
     with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
         try:
             cfg = hydra_compose(config_name="config", overrides=rest)

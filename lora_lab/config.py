@@ -35,6 +35,23 @@ ADAPTIVE_OPTIMIZERS = ("prodigy", "dadaptation")
 MIXED_PRECISION = ("no", "fp16", "bf16")
 PRESETS = ("sd15", "sd21", "sd21_base")
 # Made by lora_lab itself; packages register more (lora_lab.plugins: the toy world's).
+_EXPLICIT: set = set()  # config keys the command line (or the composing caller) set
+
+
+def set_explicit_keys(overrides) -> None:
+    """Remember which keys the command line set (``train.batch_size=4`` -> ``train.batch_size``):
+    a file's own settings (a kohya dataset_config.toml) give way to them."""
+    _EXPLICIT.clear()
+    for item in overrides:
+        key = str(item).split("=", 1)[0].lstrip("+~")
+        if key:
+            _EXPLICIT.add(key)
+
+
+def explicit_keys() -> set:
+    return set(_EXPLICIT)
+
+
 BUILTIN_MODELS = ("tiny", "bench", "sd15-random")
 BUILTIN_DATA = ("demo",)
 PREDICTION_TYPES = ("epsilon", "v_prediction")
@@ -358,6 +375,8 @@ class EvalConfig:
             epoch share calls); null: chosen from free memory (RAM or GPU) and one image's
             measured cost, at most 32.
         output_dir: where grids and scores go; null = beside the LoRA folder.
+        checkpoints: base checkpoints to evaluate the same X/Y on, one after the other (single
+            files or diffusers folders of ``model``'s architecture); empty = ``model`` alone.
     """
 
     suite: str = "person"
@@ -370,6 +389,7 @@ class EvalConfig:
     max_prompts: Optional[int] = None
     batch_size: Optional[int] = None
     output_dir: Optional[str] = None
+    checkpoints: List[str] = field(default_factory=list)
     face: FaceScorerConfig = field(default_factory=FaceScorerConfig)
     clip: ClipScorerConfig = field(default_factory=ClipScorerConfig)
     judge: JudgeConfig = field(default_factory=JudgeConfig)

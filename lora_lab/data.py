@@ -17,17 +17,17 @@ import json
 import logging
 import random
 import re
-import tomllib
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, List, Optional
 
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError
 
 from lora_lab import plugins
 from lora_lab.config import DataConfig
 from lora_lab.errors import DataError
+from lora_lab.images import open_rgb
 
 log = logging.getLogger(__name__)
 
@@ -283,38 +283,36 @@ def _from_metadata(folder: Path, cfg: DataConfig) -> List[Sample]:
 
 
 def _from_toml(path: Path, cfg: DataConfig) -> tuple[List[Sample], List[str]]:
-    try:
-        doc = tomllib.loads(path.read_text(encoding="utf-8"))
-    except tomllib.TOMLDecodeError as exc:
-        raise DataError(f"{path}: not valid TOML ({exc})") from None
-    general = doc.get("general", {})
-    datasets = doc.get("datasets", [])
-    if not datasets:
-        raise DataError(f"{path}: no [[datasets]] table")
+    """A kohya dataset_config.toml: every key applied with kohya's meaning or refused
+    (:mod:`lora_lab.kohya_toml`); a value set on the command line wins."""
+    from lora_lab.config import explicit_keys
+    from lora_lab.kohya_toml import read, subsets
+
+    explicit = explicit_keys()
+
+    def pick(opts: dict, key: str, default):
+        ours = f"data.{key}"
+        return getattr(cfg, key) if ours in explicit else opts.get(key, default)
+
     samples: List[Sample] = []
     folders: List[str] = []
-    for d, dataset in enumerate(datasets):
-        subsets = dataset.get("subsets", [])
-        if not subsets:
-            raise DataError(f"{path}: datasets[{d}] has no [[datasets.subsets]]")
-        for s, subset in enumerate(subsets):
-            opts = {**general, **dataset, **subset}
-            if "image_dir" not in subset:
-                raise DataError(f"{path}: datasets[{d}].subsets[{s}] has no image_dir")
-            image_dir = (path.parent / subset["image_dir"]).expanduser()
-            if not image_dir.is_dir():
-                raise DataError(f"{path}: datasets[{d}].subsets[{s}].image_dir {image_dir} is not a folder")
-            # kohya does not parse a '<repeats>_' prefix in a TOML image_dir: num_repeats rules.
-            samples += _subset(
-                image_dir,
-                int(opts.get("num_repeats", 1)),
-                str(opts.get("class_tokens", "")).strip(),
-                str(opts.get("caption_extension", cfg.caption_extension)),
-                bool(opts.get("is_reg", False)),
-                bool(opts.get("shuffle_caption", cfg.shuffle_caption)),
-                int(opts.get("keep_tokens", cfg.keep_tokens)),
-            )
-            folders.append(str(image_dir))
+    for where, opts in subsets(path, read(path)):
+        if "image_dir" not in opts:
+            raise DataError(f"{path}: {where} has no image_dir")
+        image_dir = (path.parent / opts["image_dir"]).expanduser()
+        if not image_dir.is_dir():
+            raise DataError(f"{path}: {where}.image_dir {image_dir} is not a folder")
+        # kohya does not parse a '<repeats>_' prefix in a TOML image_dir: num_repeats rules.
+        samples += _subset(
+            image_dir,
+            int(opts.get("num_repeats", 1)),
+            str(opts.get("class_tokens") or "").strip(),
+            str(pick(opts, "caption_extension", ".caption")),  # kohya's default for DreamBooth subsets
+            bool(opts.get("is_reg", False)),
+            bool(pick(opts, "shuffle_caption", False)),
+            int(pick(opts, "keep_tokens", 0)),
+        )
+        folders.append(str(image_dir))
     return samples, folders
 
 
@@ -346,8 +344,7 @@ def _check_image(path: Path) -> str:
 
 def load_image(path: Path, resolution: int) -> Image.Image:
     """RGB image with its short side resized to ``resolution`` and center-cropped square."""
-    with Image.open(path) as im:
-        im = ImageOps.exif_transpose(im).convert("RGB")
+    im = open_rgb(path)
     w, h = im.size
     scale = resolution / min(w, h)
     im = im.resize((max(resolution, round(w * scale)), max(resolution, round(h * scale))),

@@ -21,23 +21,24 @@ from typing import Dict, List, Optional, Tuple
 
 import pandas as pd
 import torch
-from PIL import Image
 
-from lora_lab import lora_io
+from lora_lab import lora_formats, lora_io
 from lora_lab.config import Config
 from lora_lab.data import Dataset, load_dataset
 from lora_lab.errors import LoraLabError
 from lora_lab.files import atomic_write_bytes, atomic_write_text
 from lora_lab.judge import aggregate, judge, verdict_document
-from lora_lab.models import BaseModel, load_base, pick_device
+from lora_lab.models import BaseModel, checkpoint_identity, load_base, pick_device
 from lora_lab.grids import write_grids
-from lora_lab.render import RenderSettings, render
+from lora_lab.render import RenderSettings, label_of, render
 from lora_lab.scores import RANDOM_NOTE, Scorer, diversity
 from lora_lab.suite import Suite, load_suite
 from lora_lab.tb import log_evaluation
+from lora_lab.images import open_rgb
 
 log = logging.getLogger(__name__)
 _EPOCH_SUFFIX = re.compile(r"-(\d+)$")
+_CHECKPOINT = re.compile(r"checkpoint-(\d+)")
 
 
 @dataclass
@@ -51,22 +52,36 @@ class EvalResult:
 
 
 def list_lora_files(lora_dir: Path) -> List[Tuple[int, Path, Dict[str, torch.Tensor], Dict[str, str]]]:
-    """(epoch, path, tensors, metadata) for every ``.safetensors`` LoRA in the folder, by epoch.
+    """(epoch, path, kohya tensors, metadata) for every LoRA file in the folder, in order.
 
-    The epoch comes from ``ss_epoch`` metadata, else a ``-000003`` suffix, else file order.
+    Files are read by their keys, whatever tool wrote them (see :mod:`lora_lab.lora_formats`):
+    ``metadata["lora_lab_format"]`` says which. The epoch comes from ``ss_epoch`` metadata, else a
+    ``-000003`` suffix, else file order. A folder of diffusers ``checkpoint-N/`` folders (its
+    training script's saves) is ordered by N, with N as the X-axis value, and the final
+    ``pytorch_lora_weights.safetensors`` beside them last.
     """
     lora_dir = Path(lora_dir)
     if not lora_dir.is_dir():
         raise LoraLabError(f"lora_dir: {lora_dir} is not a folder of LoRA files")
     paths = sorted(lora_dir.glob("*.safetensors"))
-    if not paths:
+    checkpoints = sorted(((int(m.group(1)), d) for d in lora_dir.iterdir()
+                          if d.is_dir() and (m := _CHECKPOINT.fullmatch(d.name))), key=lambda x: x[0])
+    checkpoints = [(n, d, sorted(d.glob("*.safetensors"))) for n, d in checkpoints]
+    checkpoints = [(n, d, files[0]) for n, d, files in checkpoints if files]
+    if not paths and not checkpoints:
         others = sorted(p.name for p in lora_dir.iterdir() if p.suffix in (".ckpt", ".pt", ".bin"))
         hint = f" (found {', '.join(others)}: only .safetensors LoRA files are read)" if others else ""
         raise LoraLabError(f"lora_dir: {lora_dir} holds no .safetensors LoRA files{hint}")
     out = []
+    for n, folder, path in checkpoints:
+        tensors, meta = _read_any(path)
+        out.append((n, path, tensors, {**meta, "lora_lab_label": folder.name}))
+    last = checkpoints[-1][0] if checkpoints else 0
     for i, path in enumerate(paths):
-        tensors, meta = lora_io.read_kohya(path)
-        if "ss_epoch" in meta and meta["ss_epoch"].isdigit():
+        tensors, meta = _read_any(path)
+        if checkpoints:
+            epoch = last + 1 + i  # the training script's final save, after its checkpoints
+        elif "ss_epoch" in meta and meta["ss_epoch"].isdigit():
             epoch = int(meta["ss_epoch"])
         elif _EPOCH_SUFFIX.search(path.stem):
             epoch = int(_EPOCH_SUFFIX.search(path.stem).group(1))
@@ -75,6 +90,12 @@ def list_lora_files(lora_dir: Path) -> List[Tuple[int, Path, Dict[str, torch.Ten
         out.append((epoch, path, tensors, meta))
     out.sort(key=lambda x: (x[0], x[1].name))
     return out
+
+
+def _read_any(path: Path) -> Tuple[Dict[str, torch.Tensor], Dict[str, str]]:
+    tensors, meta = lora_io.read_kohya(path)
+    tensors, fmt = lora_formats.to_kohya(tensors, meta, str(path))
+    return tensors, {**meta, "lora_lab_format": fmt}
 
 
 def default_out_dir(lora_dir: Path) -> Path:
@@ -105,9 +126,12 @@ def evaluate(config: Config, base: BaseModel, dataset: Dataset, lora_dir: Path, 
     if 0.0 not in strengths:
         strengths.append(0.0)  # the base model is always the baseline
     scorer = scorer or Scorer(suite.kind, e.face, e.clip, base.device)
+    checkpoint = checkpoint_identity(base.source)  # A1111's "Model" and "Model hash"
     settings = RenderSettings(
         sampler=e.sampler, steps=e.steps, cfg_scale=e.cfg_scale, size=e.size or config.resolution,
-        seeds=list(e.seeds), negative_prompt=suite.negative_prompt, model_name=base.name,
+        seeds=list(e.seeds), negative_prompt=suite.negative_prompt, model_name=checkpoint[0],
+        model_hash=checkpoint[1],
+        mixed_precision=None if config.train.mixed_precision == "no" else config.train.mixed_precision,
         clip_skip=config.train.clip_skip, batch_size=e.batch_size,
     )
     timing: dict = {}
@@ -124,7 +148,7 @@ def evaluate(config: Config, base: BaseModel, dataset: Dataset, lora_dir: Path, 
     by_path: Dict[Path, dict] = {}
     for i in range(0, len(unique), 16):
         chunk = unique[i : i + 16]
-        images = [Image.open(p).convert("RGB") for p in chunk]
+        images = [open_rgb(p) for p in chunk]
         rows = scorer.score(images, [cell_of[p].prompt.judge for p in chunk], refs)
         by_path.update(zip(chunk, rows))
     weights_note = RANDOM_NOTE if scorer.random_weights else "pretrained scorer weights"
@@ -155,7 +179,7 @@ def evaluate(config: Config, base: BaseModel, dataset: Dataset, lora_dir: Path, 
     judged = judge(agg, ceiling, e.judge)
     notes = scorer.notes + [f"references: {len(refs.names)} training images"
                             + (f", faces detected in {refs.face_rate:.0%}" if suite.kind == "person" else "")]
-    files_by_label = {path.stem: str(path) for _, path, _, _ in files}
+    files_by_label = {label_of(path, meta): str(path) for _, path, _, meta in files}
     doc = verdict_document(judged, ceiling, e.judge, files_by_label, notes)
     doc["suite"] = suite.name
     doc["strengths"] = strengths
@@ -206,6 +230,9 @@ def _f(x: float, digits: int = 3) -> str:
 
 def run(config: Config) -> EvalResult:
     """The ``python -m lora_lab.evaluate`` job: check everything, load once, evaluate."""
+    from lora_lab import kohya_toml
+
+    config = kohya_toml.apply(config)
     if not config.lora_dir:
         raise LoraLabError("lora_dir: which LoRA folder? e.g. lora_dir=sweeps/runs/<run>/lora")
     lora_dir = Path(config.lora_dir).expanduser()
@@ -214,10 +241,43 @@ def run(config: Config) -> EvalResult:
     dataset = load_dataset(config.data, Path(config.cache_dir))
     load_suite(config.eval.suite, dataset.token or "", dataset.suite)
     out_dir = Path(config.eval.output_dir) if config.eval.output_dir else default_out_dir(lora_dir)
+    if config.eval.checkpoints:
+        return _on_checkpoints(config, dataset, lora_dir, out_dir, device, len(files))
     log.info(f"evaluating {len(files)} LoRA files in {lora_dir} -> {out_dir}")
     base = load_base(config.model, Path(config.cache_dir), device)
     result = evaluate(config, base, dataset, lora_dir, out_dir, tb_dir=out_dir / "tb")
     log.info(summary(result))
+    return result
+
+
+def _on_checkpoints(config: Config, dataset: Dataset, lora_dir: Path, out_dir: Path, device, n_files: int):
+    """The same X/Y on every checkpoint of ``eval.checkpoints``, one loaded at a time, each in
+    ``out_dir/<checkpoint name>/``, then how the verdicts transfer (``transfer.csv``)."""
+    from dataclasses import replace
+
+    from lora_lab import transfer
+    from lora_lab.models import checkpoint_identity, resolve_source
+
+    models = []
+    for ckpt in config.eval.checkpoints:  # every checkpoint checked before any work
+        model = replace(config.model, pretrained=str(Path(ckpt).expanduser()), builtin=None)
+        resolve_source(model, Path(config.cache_dir))
+        models.append((checkpoint_identity(model.pretrained)[0], model))
+    names = [n for n, _ in models]
+    if len(set(names)) < len(names):
+        raise LoraLabError(f"eval.checkpoints: two checkpoints share a name ({', '.join(names)}); "
+                           "their results would share a folder")
+    judged, best, result = {}, {}, None
+    for name, model in models:
+        log.info(f"evaluating {n_files} LoRA files in {lora_dir} on {name} -> {out_dir / name}")
+        base = load_base(model, Path(config.cache_dir), device)
+        result = evaluate(replace(config, model=model), base, dataset, lora_dir, out_dir / name,
+                          tb_dir=out_dir / name / "tb")
+        del base
+        log.info(summary(result))
+        judged[name], best[name] = result.judged, result.verdict["best"]
+    for line in transfer.write(out_dir, judged, best):
+        log.info(line)
     return result
 
 

@@ -2,9 +2,29 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import tempfile
 from pathlib import Path
+from typing import Dict
+
+
+def _modes() -> tuple:
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask, 0o777 & ~mask
+
+
+# What open() and mkdir() would give under the user's umask (0644 / 0755 for the usual 022):
+# temp files and folders are made private (0600 / 0700), and are set to these before they are
+# renamed into place, so a UI running as another user can read a LoRA file, as kohya's are.
+FILE_MODE, DIR_MODE = _modes()
+
+
+def publish_file(tmp: str, path: Path) -> None:
+    """Give a finished temp file the user's usual permissions and rename it to ``path``."""
+    os.chmod(tmp, FILE_MODE)
+    os.replace(tmp, path)
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -15,7 +35,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
-        os.replace(tmp, path)
+        publish_file(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
@@ -38,6 +58,7 @@ def publish_dir(target: Path, build, marker: str) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
     try:
         build(tmp)
+        os.chmod(tmp, DIR_MODE)
         try:
             os.rename(tmp, target)
         except OSError:
@@ -46,3 +67,27 @@ def publish_dir(target: Path, build, marker: str) -> Path:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return target
+
+
+_FILE_HASHES: Dict[tuple, str] = {}
+
+
+def file_sha256(path: Path) -> str:
+    """sha256 of a whole file (A1111's model hash; its short form is the first 10 characters),
+    computed once per file and version in this process."""
+    st = Path(path).stat()
+    key = (str(path), st.st_size, st.st_mtime_ns)
+    if key not in _FILE_HASHES:
+        h = hashlib.sha256()
+        with open(path, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                h.update(block)
+        _FILE_HASHES[key] = h.hexdigest()
+    return _FILE_HASHES[key]
+
+
+def legacy_file_hash(path: Path) -> str:
+    """A1111's old short model hash, as kohya writes it: sha256 of 64 KiB at offset 1 MiB, 8 hex."""
+    with open(path, "rb") as fh:
+        fh.seek(0x100000)
+        return hashlib.sha256(fh.read(0x10000)).hexdigest()[:8]

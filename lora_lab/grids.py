@@ -7,6 +7,7 @@ from typing import List, Sequence, Tuple
 
 from PIL import Image, ImageDraw, ImageFont
 
+from lora_lab.images import open_rgb
 from lora_lab.render import Cell
 
 
@@ -59,7 +60,7 @@ def write_grids(cells: List[Cell], strengths: Sequence[float], out_dir: Path) ->
         for strength in strengths:
             row = []
             for _, label in labels:
-                ims = [Image.open(by_key[(label, float(strength), prompt.index, s)]).convert("RGB") for s in seeds]
+                ims = [open_rgb(by_key[(label, float(strength), prompt.index, s)]) for s in seeds]
                 strip = Image.new("RGB", (sum(i.width for i in ims), max(i.height for i in ims)), "white")
                 x = 0
                 for im in ims:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import warnings
+import weakref
 from pathlib import Path
 from contextlib import contextmanager
 from typing import Dict, List, Optional, Tuple
@@ -220,7 +221,19 @@ def kohya_metadata(**values) -> Dict[str, str]:
     return out
 
 
-def _module_index(unet, text_encoder) -> Dict[str, Tuple[str, torch.nn.Module, str]]:
+_INDEXES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def _module_index(unet, text_encoder) -> Dict[str, Tuple[str, str]]:
+    """kohya LoRA name -> (part, module path), walked once per pair of models (an adapter
+    wraps a layer but never moves it, so the names and paths stay valid)."""
+    per_unet = _INDEXES.setdefault(unet, weakref.WeakKeyDictionary())
+    if text_encoder not in per_unet:
+        per_unet[text_encoder] = {k: (part, path) for k, (part, _, path) in _walk_modules(unet, text_encoder).items()}
+    return per_unet[text_encoder]
+
+
+def _walk_modules(unet, text_encoder) -> Dict[str, Tuple[str, torch.nn.Module, str]]:
     """kohya LoRA name -> (part, module, module path) for every Linear / Conv2d layer."""
     from peft.tuners.lora import LoraLayer
 
@@ -259,7 +272,7 @@ def load_into(unet, text_encoder, tensors: Dict[str, torch.Tensor], source: str 
         if up is None:
             raise LoraLabError(f"{source}: {name} has lora_down but no lora_up weight")
         alpha = float(tensors[f"{name}.alpha"]) if f"{name}.alpha" in tensors else float(down.shape[0])
-        part, _, path = index[lookup]
+        part, path = index[lookup]
         entries[part][path] = (down, up, alpha)
     if unknown:
         raise LoraLabError(

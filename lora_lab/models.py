@@ -12,6 +12,7 @@ import logging
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional, Tuple
 
 import torch
 
@@ -19,6 +20,7 @@ from lora_lab.builtin import preset_folder, tiny_folder
 from lora_lab import plugins
 from lora_lab.config import BUILTIN_MODELS, ModelConfig
 from lora_lab.errors import ConfigError, ModelError
+from lora_lab.files import file_sha256
 
 log = logging.getLogger(__name__)
 
@@ -162,6 +164,15 @@ def _single_file_config(cfg: ModelConfig, cache_dir: Path) -> Path:
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return text[0] if text else exc.__class__.__name__
+
+
+def checkpoint_identity(source: str) -> Tuple[str, Optional[str]]:
+    """(A1111's "Model" name, its "Model hash" or None) for a base model's source: a single
+    file's stem and the first 10 characters of its sha256; a folder's or hub id's last part."""
+    path = Path(source)
+    if path.is_file():
+        return path.stem, file_sha256(path)[:10]
+    return (path.name if path.exists() else source.rstrip("/").rsplit("/", 1)[-1]), None
 
 
 def module_fingerprint(module: torch.nn.Module) -> str:

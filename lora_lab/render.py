@@ -22,31 +22,44 @@ from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 from tqdm.auto import tqdm
 
-from lora_lab import lora_io
-from lora_lab.errors import ConfigError
+from lora_lab import lora_formats, lora_io
+from lora_lab.errors import ConfigError, LoraLabError
+from lora_lab.files import publish_file
 from lora_lab.suite import Prompt
 
 # A1111 sampler name -> (diffusers scheduler class, extra config); from diffusers' scheduler docs.
+# Since A1111 1.9 a sampler's "Automatic" schedule is its own default: Karras sigmas for DPM++ 2M,
+# DPM++ SDE, DPM2 and DPM2 a, exponential ones for DPM++ 2M SDE (sd_samplers_kdiffusion's
+# table), so those names render with those sigmas here too, and "<name> Karras" is the old
+# spelling of the same thing. Infotext writes A1111 1.9's form: the sampler, then "Schedule type".
+_KARRAS, _EXPONENTIAL = {"use_karras_sigmas": True}, {"use_exponential_sigmas": True}
+_SDE = {"algorithm_type": "sde-dpmsolver++"}
 SAMPLERS: Dict[str, Tuple[str, dict]] = {
     "Euler": ("EulerDiscreteScheduler", {}),
     "Euler a": ("EulerAncestralDiscreteScheduler", {}),
     "DDIM": ("DDIMScheduler", {}),
     "Heun": ("HeunDiscreteScheduler", {}),
     "LMS": ("LMSDiscreteScheduler", {}),
-    "LMS Karras": ("LMSDiscreteScheduler", {"use_karras_sigmas": True}),
-    "DPM2": ("KDPM2DiscreteScheduler", {}),
-    "DPM2 Karras": ("KDPM2DiscreteScheduler", {"use_karras_sigmas": True}),
-    "DPM2 a": ("KDPM2AncestralDiscreteScheduler", {}),
-    "DPM2 a Karras": ("KDPM2AncestralDiscreteScheduler", {"use_karras_sigmas": True}),
-    "DPM++ 2M": ("DPMSolverMultistepScheduler", {}),
-    "DPM++ 2M Karras": ("DPMSolverMultistepScheduler", {"use_karras_sigmas": True}),
-    "DPM++ 2M SDE": ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++"}),
-    "DPM++ 2M SDE Karras": ("DPMSolverMultistepScheduler",
-                            {"algorithm_type": "sde-dpmsolver++", "use_karras_sigmas": True}),
-    "DPM++ SDE": ("DPMSolverSinglestepScheduler", {}),
-    "DPM++ SDE Karras": ("DPMSolverSinglestepScheduler", {"use_karras_sigmas": True}),
+    "LMS Karras": ("LMSDiscreteScheduler", _KARRAS),
+    "DPM2": ("KDPM2DiscreteScheduler", _KARRAS),
+    "DPM2 Karras": ("KDPM2DiscreteScheduler", _KARRAS),
+    "DPM2 a": ("KDPM2AncestralDiscreteScheduler", _KARRAS),
+    "DPM2 a Karras": ("KDPM2AncestralDiscreteScheduler", _KARRAS),
+    "DPM++ 2M": ("DPMSolverMultistepScheduler", _KARRAS),
+    "DPM++ 2M Karras": ("DPMSolverMultistepScheduler", _KARRAS),
+    "DPM++ 2M SDE": ("DPMSolverMultistepScheduler", {**_SDE, **_EXPONENTIAL}),
+    "DPM++ 2M SDE Karras": ("DPMSolverMultistepScheduler", {**_SDE, **_KARRAS}),
+    "DPM++ SDE": ("DPMSolverSinglestepScheduler", _KARRAS),
+    "DPM++ SDE Karras": ("DPMSolverSinglestepScheduler", _KARRAS),
     "UniPC": ("UniPCMultistepScheduler", {}),
 }
+
+
+def a1111_sampler(sampler: str) -> Tuple[str, Optional[str]]:
+    """(A1111 1.9's sampler name, its "Schedule type" or None) for one of :data:`SAMPLERS`."""
+    extra = SAMPLERS[sampler][1]
+    schedule = "Karras" if extra.get("use_karras_sigmas") else "Exponential" if extra.get("use_exponential_sigmas") else None
+    return sampler.removesuffix(" Karras"), schedule
 
 
 def make_scheduler(sampler: str, scheduler_config: dict):
@@ -69,7 +82,9 @@ class RenderSettings:
     negative_prompt: str
     model_name: str
     clip_skip: int = 1
-    batch_size: Optional[int] = None  # images per pipeline call; None: from free memory
+    batch_size: Optional[int] = None
+    model_hash: Optional[str] = None  # A1111's short hash (sha256[:10]) of a single-file checkpoint
+    mixed_precision: Optional[str] = None  # fp16 / bf16: autocast the UNet and text encoder on a GPU  # images per pipeline call; None: from free memory
 
 
 @dataclass
@@ -89,14 +104,14 @@ def infotext(prompt: str, settings: RenderSettings, seed: int, label: Optional[s
              lora_hash: Optional[str]) -> str:
     """A1111's ``parameters`` text: prompt (with ``<lora:name:strength>``), negative, settings."""
     text = prompt if label is None else f"{prompt} <lora:{label}:{strength:g}>"
-    fields = [
-        f"Steps: {settings.steps}",
-        f"Sampler: {settings.sampler}",
-        f"CFG scale: {settings.cfg_scale:g}",
-        f"Seed: {seed}",
-        f"Size: {settings.size}x{settings.size}",
-        f"Model: {settings.model_name}",
-    ]
+    sampler, schedule = a1111_sampler(settings.sampler)
+    fields = [f"Steps: {settings.steps}", f"Sampler: {sampler}"]
+    if schedule:
+        fields.append(f"Schedule type: {schedule}")
+    fields += [f"CFG scale: {settings.cfg_scale:g}", f"Seed: {seed}", f"Size: {settings.size}x{settings.size}"]
+    if settings.model_hash:
+        fields.append(f"Model hash: {settings.model_hash}")
+    fields.append(f"Model: {settings.model_name}")
     if settings.clip_skip > 1:
         fields.append(f"Clip skip: {settings.clip_skip}")
     if label is not None and lora_hash:
@@ -112,7 +127,7 @@ def _save_png(image: Image.Image, path: Path, parameters: str) -> None:
     os.close(fd)
     try:
         image.save(tmp, format="PNG", pnginfo=info)
-        os.replace(tmp, path)
+        publish_file(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
@@ -194,6 +209,12 @@ def auto_batch_size(per_image: Optional[int], free: int) -> int:
     return max(1, min(AUTO_MAX_BATCH, int(free * MEMORY_SHARE // per_image)))
 
 
+def label_of(path: Path, meta: dict) -> str:
+    """A LoRA file's name in ``<lora:name:w>`` and in the grids: its stem, or the folder of a
+    diffusers ``checkpoint-N``."""
+    return meta.get("lora_lab_label") or path.stem
+
+
 def _plan_key(settings: RenderSettings, unet) -> tuple:
     return ("batch", settings.size, unet.device.type)
 
@@ -224,7 +245,11 @@ def generate(pipe, jobs: Sequence[Job], settings: RenderSettings, strengths=None
         chunk = list(jobs[i : i + size])
         if strengths is not None:
             strengths.set([job[2] for job in chunk], [job[3] for job in chunk] if len(chunk[0]) > 3 else None)
-        with _PeakMemory(device) as peak:
+        # On a GPU with mixed precision, render in it too, as A1111 renders SD 1.x / 2.x in fp16
+        # (their VAEs decode fine in fp16); a CPU renders in fp32.
+        half = settings.mixed_precision if device.type == "cuda" else None
+        autocast = torch.autocast("cuda", dtype=torch.bfloat16 if half == "bf16" else torch.float16, enabled=bool(half))
+        with _PeakMemory(device) as peak, autocast:
             result = pipe(
                 prompt=[job[0].text for job in chunk],
                 negative_prompt=[settings.negative_prompt] * len(chunk),
@@ -324,28 +349,37 @@ def render(pipe, lora_files: Sequence[Tuple[int, Path, Dict[str, torch.Tensor], 
             # As many epochs side by side as one batch holds (one until the batch size is known).
             batch = plan.get(_plan_key(settings, unet))
             group = lora_files[done : done + (max(1, batch // max(per_file, 1)) if batch else 1)]
+            full = [i for i, f in enumerate(group) if f[3].get("lora_lab_format") in lora_formats.FULL_RANK]
+            if full:  # a full-rank file (LoHa, LoKr) is the size of the layers it touches: one at a time
+                group = group[: max(1, full[0])]
             adapters = [lora_io.eval_adapter(j) for j in range(len(group))]
             jobs, labels = [], {}
-            for adapter, (epoch, lora_path, tensors, meta) in zip(adapters, group):
-                switch = time.perf_counter()
-                lora_io.load_into(unet, text_encoder, tensors, source=str(lora_path), adapter=adapter)
-                # The first file attaches the adapter layers; later ones only swap weights in place.
-                timing["switch_s" if attached else "attach_s"] += time.perf_counter() - switch
-                attached = True
-                labels[adapter] = (lora_path.stem, meta)
-                jobs += [(p, seed, s, adapter) for s in lora_strengths for p in prompts for seed in settings.seeds]
-            if need_base:
-                jobs = [(p, seed, 0.0, adapters[0]) for p, seed, _ in base_jobs] + jobs
-            with lora_io.SampleStrengths(unet, text_encoder, adapters) as per_sample:
-                images = generate(pipe, jobs, settings, per_sample, on_batch=bar.update, plan=plan)
+            try:
+                for adapter, (epoch, lora_path, tensors, meta) in zip(adapters, group):
+                    switch = time.perf_counter()
+                    lora_io.load_into(unet, text_encoder, tensors, source=str(lora_path), adapter=adapter)
+                    # The first file attaches the adapter layers; later ones only swap weights in place.
+                    timing["switch_s" if attached else "attach_s"] += time.perf_counter() - switch
+                    attached = True
+                    labels[adapter] = (label_of(lora_path, meta), meta)
+                    jobs += [(p, seed, s, adapter) for s in lora_strengths for p in prompts for seed in settings.seeds]
+                if need_base:
+                    jobs = [(p, seed, 0.0, adapters[0]) for p, seed, _ in base_jobs] + jobs
+                with lora_io.SampleStrengths(unet, text_encoder, adapters) as per_sample:
+                    images = generate(pipe, jobs, settings, per_sample, on_batch=bar.update, plan=plan)
+            except LoraLabError:
+                raise
+            except Exception as exc:
+                exc.add_note(f"while rendering {', '.join(str(f[1]) for f in group)}")
+                raise
             for adapter in adapters:
                 label, meta = labels[adapter]
                 save({job[:3]: im for job, im in images.items() if job[3] == adapter}, label, meta)
             rendered += len(jobs)
             base_rendered = base_rendered or need_base
             need_base = False
-            for epoch, lora_path, _, _ in group:
-                label = lora_path.stem
+            for epoch, lora_path, _, meta in group:
+                label = label_of(lora_path, meta)
                 for strength in [float(s) for s in strengths]:
                     if strength == 0:
                         cells += [Cell(epoch, label, 0.0, p, seed, base_paths[(p.index, seed)], lora_path)

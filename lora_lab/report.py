@@ -24,6 +24,7 @@ from typing import List, Optional
 import pandas as pd
 
 from lora_lab import leaderboard
+from lora_lab.files import DIR_MODE
 from lora_lab.report_front import change, front_page, progress
 from lora_lab.tb import read_scalars
 
@@ -289,7 +290,7 @@ def build_report(study_dir: Path, reports_root: Path = Path("reports")) -> Path:
                 continue
             _trial_page(env, study, tdir, tmp, warnings)
             (tmp / tdir.name / ".stamp").write_text(stamp, encoding="utf-8")
-        os.chmod(tmp, 0o755)
+        os.chmod(tmp, DIR_MODE)
         old = reports_root / f".{study_dir.name}-old-{os.getpid()}"
         try:
             if target.exists():

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Dict, Optional
 
 import pandas as pd
-from PIL import Image
+from lora_lab.images import open_rgb
 
 THUMB = 160  # px, the longer side
 
@@ -68,11 +68,10 @@ class Images:
                     return self.done[src]
             except OSError:
                 pass
-        with Image.open(path) as im:
-            im = im.convert("RGB")
-            im.save(full, format="PNG")
-            im.thumbnail((THUMB, THUMB))
-            im.save(thumb, format="JPEG", quality=85)
+        im = open_rgb(path)
+        im.save(full, format="PNG")
+        im.thumbnail((THUMB, THUMB))
+        im.save(thumb, format="JPEG", quality=85)
         return self.done[src]
 
 

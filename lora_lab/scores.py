@@ -21,6 +21,7 @@ from PIL import Image
 from lora_lab import plugins
 from lora_lab.config import ClipScorerConfig, FaceScorerConfig
 from lora_lab.errors import ConfigError
+from lora_lab.images import open_rgb
 
 log = logging.getLogger(__name__)
 
@@ -205,7 +206,7 @@ class Scorer:
         return self._references[key]
 
     def _embed_references(self, paths: Sequence[Path]) -> References:
-        images = [Image.open(p).convert("RGB") for p in paths]
+        images = [open_rgb(p) for p in paths]
         clip = self.clip.images(images)
         centroid, ceiling = _centroid(clip)
         ref = References([Path(p).name for p in paths], clip, centroid, ceiling)

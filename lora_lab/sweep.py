@@ -314,7 +314,8 @@ _DISK_ERRORS = (errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EDQUOT)
 
 def _failed(tdir: Path, exc: BaseException) -> Tuple[str, None, dict]:
     """A trial's own failure (NaN loss, out of memory, an invalid combination, a scorer error)."""
-    reason = str(exc) if isinstance(exc, LoraLabError) else f"{exc.__class__.__name__}: {exc}"
+    notes = "".join(f" ({note})" for note in getattr(exc, "__notes__", []))
+    reason = str(exc) if isinstance(exc, LoraLabError) else f"{exc.__class__.__name__}{notes}: {exc}"
     detail = "" if isinstance(exc, LoraLabError) else "\n\n" + traceback.format_exc()
     atomic_write_text(tdir / "error.txt", reason + detail + "\n")
     return FAILED, None, {"reason": reason}
@@ -409,6 +410,9 @@ def run(config: Config) -> "leaderboard.pd.DataFrame":
         names = ", ".join(sorted(p.stem for p in (conf_dir() / "sweep").glob("*.yaml")))
         raise ConfigError(f"sweep: choose a sweep with +sweep=NAME (available: {names})")
     entered = time.time()
+    from lora_lab import kohya_toml
+
+    config = kohya_toml.apply(config)  # a dataset_config.toml's resolution / batch_size, below the sweep's own
     sweep = config.sweep
     check_keys(config)
     _check_inputs(config)  # bad input stops here, before any folder or trial exists

@@ -173,3 +173,71 @@ def test_demo_data_has_a_real_face(demo_dir, cache_dir):
         _, prob = mtcnn.detect(Image.open(s.path).convert("RGB"))
         found += prob is not None and prob[0] is not None and float(np.asarray(prob, dtype=np.float32)[0]) > 0.9
     assert found >= 11
+
+
+def test_a_kohya_toml_trains_as_kohya_would(tmp_path, cache_dir):
+    """resolution and batch_size in the file are the run's (the command line still wins);
+    DreamBooth subsets read .caption by default; a kohya key lora_lab cannot apply is refused by
+    name unless it sits at kohya's default; a key kohya does not know is refused."""
+    from lora_lab import kohya_toml
+    from lora_lab.cli import compose
+
+    _img(tmp_path / "imgs" / "a.png")
+    (tmp_path / "imgs" / "a.caption").write_text("photo of ciri_w3, red hair")
+    (tmp_path / "imgs" / "a.txt").write_text("the wrong caption")
+    toml = tmp_path / "ds.toml"
+    toml.write_text('[general]\nshuffle_caption = true\nkeep_tokens = 1\nflip_aug = false\n'
+                    "[[datasets]]\nresolution = 64\nbatch_size = 2\n"
+                    '[[datasets.subsets]]\nimage_dir = "imgs"\nnum_repeats = 3\n')
+    cfg = kohya_toml.apply(compose([f"data.path={toml}", f"cache_dir={cache_dir}", "model=tiny"]))
+    assert (cfg.resolution, cfg.train.batch_size) == (64, 2)
+    cfg = kohya_toml.apply(compose([f"data.path={toml}", f"cache_dir={cache_dir}", "model=tiny",
+                                    "train.batch_size=4", "train.resolution=32"]))
+    assert (cfg.resolution, cfg.train.batch_size) == (32, 4)  # the command line wins
+    ds = load_dataset(cfg.data, tmp_path)
+    assert ds.samples[0].caption == "photo of ciri_w3, red hair" and ds.samples[0].repeats == 3
+    assert ds.samples[0].shuffle_caption and ds.samples[0].keep_tokens == 1
+    compose([f"data.path={toml}", "data.caption_extension=.txt"])  # now explicit: the command line's
+    assert load_dataset(DataConfig(path=str(toml), caption_extension=".txt"), tmp_path).samples[0].caption == \
+        "the wrong caption"
+    toml.write_text('[[datasets]]\n[[datasets.subsets]]\nimage_dir = "imgs"\nflip_aug = true\n')
+    compose([f"data.path={toml}"])
+    with pytest.raises(DataError, match=r"datasets\[0\]\.subsets\[0\]\.flip_aug = True: lora_lab does not apply "
+                                        r"flip_aug yet \(kohya's default: False\)"):
+        load_dataset(DataConfig(path=str(toml)), tmp_path)
+    toml.write_text('[[datasets]]\nresolutoin = 512\n[[datasets.subsets]]\nimage_dir = "imgs"\n')
+    with pytest.raises(DataError, match=r"datasets\[0\]\.resolutoin is not a key of kohya's dataset config; "
+                                        r"allowed here: .*resolution"):
+        load_dataset(DataConfig(path=str(toml)), tmp_path)
+    toml.write_text('[[datasets]]\nresolution = [512, 768]\n[[datasets.subsets]]\nimage_dir = "imgs"\n')
+    with pytest.raises(DataError, match=r"resolution = \[512, 768\]: lora_lab trains square images"):
+        kohya_toml.run_settings(toml)
+
+
+def test_a_toml_runs_metadata_says_what_the_run_did(base, cache_dir, tmp_path):
+    import json
+
+    from safetensors import safe_open
+
+    from conftest import make_config
+    from lora_lab import kohya_toml
+    from lora_lab.config import set_explicit_keys
+    from lora_lab.train import train
+
+    for i in range(2):
+        _img(tmp_path / "imgs" / f"{i}.png", (10 * i, 20, 30))
+        (tmp_path / "imgs" / f"{i}.caption").write_text("photo of sks, red hair, smiling")
+    toml = tmp_path / "ds.toml"
+    toml.write_text('[general]\nshuffle_caption = true\nkeep_tokens = 1\n[[datasets]]\nresolution = 32\n'
+                    'batch_size = 2\n[[datasets.subsets]]\nimage_dir = "imgs"\nclass_tokens = "sks"\n')
+    cfg = make_config(cache_dir, tmp_path / "out", epochs=1, resolution=None, batch_size=1)
+    cfg.data.path = str(toml)
+    set_explicit_keys([])
+    cfg = kohya_toml.apply(cfg)
+    result = train(cfg, base, load_dataset(cfg.data, cache_dir), tmp_path / "out")
+    with safe_open(str(result.lora_files[1]), framework="pt") as fh:
+        meta = fh.metadata()
+    assert meta["ss_resolution"] == "(32, 32)" and meta["ss_batch_size_per_device"] == "2"
+    assert meta["ss_shuffle_caption"] == "True" and meta["ss_keep_tokens"] == "1"
+    (ds,) = json.loads(meta["ss_datasets"])
+    assert ds["subsets"][0]["shuffle_caption"] is True and ds["subsets"][0]["keep_tokens"] == 1

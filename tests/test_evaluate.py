@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import subprocess
 import sys
@@ -143,3 +144,64 @@ def test_evaluating_mid_training_leaves_training_untouched(base, cache_dir, demo
     a = load_file(tmp_path / "plain" / "lora" / "last.safetensors")
     b = load_file(tmp_path / "with_eval" / "lora" / "last.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_library_error_mid_run_is_one_sentence_with_the_trace_in_a_log(trained, cache_dir, tmp_path):
+    """A LoRA file whose tensor has the wrong size passes every check, then torch refuses it:
+    the user reads one sentence naming the file and the cause, and where the trace is."""
+    _, _, out = trained
+    bad = tmp_path / "lora"
+    bad.mkdir()
+    src = sorted((out / "lora").glob("*.safetensors"))[0]
+    tensors = load_file(str(src))
+    key = next(k for k in tensors if k.endswith(".lora_down.weight"))
+    tensors[key] = torch.zeros(tensors[key].shape[0], tensors[key].shape[1] + 3)
+    save_file(tensors, str(bad / src.name))
+    proc = subprocess.run(
+        [sys.executable, "-m", "lora_lab.evaluate", f"lora_dir={bad}", "model=tiny", "data=demo", "eval.steps=1",
+         "eval.seeds=[1]", "eval.strengths=[0,1]", "eval.max_prompts=1", "eval.size=32",
+         f"cache_dir={cache_dir}"], capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    line = proc.stderr.strip().splitlines()[-1]
+    assert line.startswith(f"error: evaluate stopped on an unexpected error from a library (while rendering {bad / src.name}): "
+                           "RuntimeError: ")
+    log = line.rsplit("the full trace is in ", 1)[1]
+    assert log.startswith(str(cache_dir.parent / "logs" / "evaluate-")) and "Traceback" in open(log).read()
+
+
+def test_one_lora_on_several_checkpoints_and_how_it_transfers(base, trained, tiny_dir, tmp_path, cache_dir):
+    """eval.checkpoints: the same X/Y on each base checkpoint, verdicts per checkpoint, and a
+    transfer table saying where they differ."""
+    from pathlib import Path as P
+
+    sys.path.insert(0, str(P(__file__).parent))
+    from ldm_export import to_ldm
+
+    from lora_lab.config import ModelConfig
+    from lora_lab.evaluate import run
+
+    cfg, _, out = trained
+    state = to_ldm(base.pipe)
+    save_file(state, str(tmp_path / "anything-v3.safetensors"))
+    other = {k: (v * 1.3 if "diffusion_model.input_blocks" in k and v.dim() > 1 else v) for k, v in state.items()}
+    save_file(other, str(tmp_path / "counterfeit-v3.safetensors"))
+    cfg = copy.deepcopy(cfg)
+    cfg.model = ModelConfig(name="tiny", config_dir=str(tiny_dir))
+    cfg.lora_dir = str(out / "lora")
+    cfg.eval.output_dir = str(tmp_path / "ev")
+    cfg.eval.checkpoints = [str(tmp_path / "anything-v3.safetensors"), str(tmp_path / "counterfeit-v3.safetensors")]
+    run(cfg)
+    for name in ("anything-v3", "counterfeit-v3"):
+        assert (tmp_path / "ev" / name / "verdict.json").is_file() and (tmp_path / "ev" / name / "grids").is_dir()
+        text = Image.open(next((tmp_path / "ev" / name / "cells" / "base").glob("*.png"))).text["parameters"]
+        assert f"Model: {name}" in text and "Model hash: " in text
+    table = pd.read_csv(tmp_path / "ev" / "transfer.csv")
+    assert list(table.columns) == ["epoch", "label", "strength", "anything-v3", "counterfeit-v3"]
+    assert len(table) == 2 * 1  # 2 epoch files x the one LoRA strength
+    a = Image.open(next((tmp_path / "ev" / "anything-v3" / "cells" / "base").glob("*.png")))
+    b = Image.open(next((tmp_path / "ev" / "counterfeit-v3" / "cells" / "base").glob("*.png")))
+    assert a.tobytes() != b.tobytes()  # really another checkpoint
+    bad = copy.deepcopy(cfg)
+    bad.eval.checkpoints = [str(tmp_path / "missing.safetensors")]
+    with pytest.raises(LoraLabError, match="missing.safetensors does not exist"):
+        run(bad)

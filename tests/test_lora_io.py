@@ -112,3 +112,23 @@ def test_alpha_scales_like_kohya(tiny_dir, tmp_path):
     d_strong = _unet_out(strong_pipe) - base_out
     ratio = (d_strong.norm() / d_weak.norm()).item()
     assert 3.0 < ratio < 5.0
+
+
+def test_files_get_the_users_usual_permissions(tmp_path):
+    """kohya writes LoRA files 0644 under the usual umask 022: a UI running as another user
+    reads them. Temp files (0600) are opened up to the umask's mode before the rename."""
+    import os
+    import stat
+
+    from lora_lab.files import FILE_MODE, atomic_write_text
+
+    mask = os.umask(0)
+    os.umask(mask)
+    assert FILE_MODE == 0o666 & ~mask
+    path = tmp_path / "lora.safetensors"
+    lora_io.save_kohya(path, {"lora_unet_x.alpha": torch.tensor(1.0)}, {"ss_network_dim": "4"})
+    atomic_write_text(tmp_path / "trial.json", "{}")
+    for p in (path, tmp_path / "trial.json"):
+        assert stat.S_IMODE(p.stat().st_mode) == FILE_MODE
+    if mask == 0o022:
+        assert stat.S_IMODE(path.stat().st_mode) == 0o644

@@ -117,8 +117,41 @@ def test_infotext_is_a1111_parameters():
     lines = text.split("\n")
     assert lines[0] == "photo of anantn <lora:last-000004:0.7>"
     assert lines[1] == "Negative prompt: blurry"
-    assert lines[2] == ("Steps: 30, Sampler: DPM++ 2M Karras, CFG scale: 7, Seed: 363423421, Size: 512x512, "
-                        'Model: sd15, Clip skip: 2, Lora hashes: "last-000004: abcdef012345"')
+    assert lines[2] == ("Steps: 30, Sampler: DPM++ 2M, Schedule type: Karras, CFG scale: 7, Seed: 363423421, "
+                        'Size: 512x512, Model: sd15, Clip skip: 2, Lora hashes: "last-000004: abcdef012345"')
+    s.model_hash, s.sampler = "0123456789", "Euler a"
+    assert "Sampler: Euler a, CFG scale: 7, Seed: 363423421, Size: 512x512, Model hash: 0123456789, Model: sd15," in (
+        infotext("p", s, 363423421, None, 0, None))
+
+
+def test_samplers_use_a1111_19s_automatic_schedule_and_say_it():
+    """A1111 1.9+ gives DPM++ 2M, DPM++ SDE, DPM2 and DPM2 a Karras sigmas and DPM++ 2M SDE
+    exponential ones when the schedule is Automatic; the others keep the model's own."""
+    from lora_lab.render import a1111_sampler
+
+    expected = {"DPM++ 2M": "Karras", "DPM++ SDE": "Karras", "DPM2": "Karras", "DPM2 a": "Karras",
+                "DPM++ 2M SDE": "Exponential", "DPM++ 2M Karras": "Karras", "DPM++ 2M SDE Karras": "Karras",
+                "LMS Karras": "Karras", "Euler": None, "Euler a": None, "DDIM": None, "Heun": None, "LMS": None,
+                "UniPC": None}
+    for name, schedule in expected.items():
+        sampler, got = a1111_sampler(name)
+        assert got == schedule, name
+        assert sampler == name.removesuffix(" Karras")
+        extra = SAMPLERS[name][1]
+        assert extra.get("use_karras_sigmas", False) == (schedule == "Karras"), name
+        assert extra.get("use_exponential_sigmas", False) == (schedule == "Exponential"), name
+
+
+def test_a1111_model_name_and_hash_of_the_checkpoint(tmp_path):
+    import hashlib
+
+    from lora_lab.models import checkpoint_identity
+
+    ckpt = tmp_path / "counterfeit-v3.safetensors"
+    ckpt.write_bytes(b"weights" * 1000)
+    assert checkpoint_identity(str(ckpt)) == ("counterfeit-v3", hashlib.sha256(b"weights" * 1000).hexdigest()[:10])
+    assert checkpoint_identity(str(tmp_path)) == (tmp_path.name, None)
+    assert checkpoint_identity("runwayml/stable-diffusion-v1-5") == ("stable-diffusion-v1-5", None)
 
 
 def test_grid_layout():
@@ -196,9 +229,10 @@ def test_peak_memory_of_a_call_is_measured_on_cpu():
     from lora_lab.render import _PeakMemory
 
     with _PeakMemory(torch.device("cpu")) as peak:
-        block = torch.ones(64 * 2**20 // 4)  # 64 MiB, touched
+        block = torch.ones(128 * 2**20 // 4)  # 128 MiB, touched
         del block
-    assert peak.bytes is not None and 48 * 2**20 < peak.bytes < 512 * 2**20
+    # Resident memory the allocator already held may serve part of it: at least half shows.
+    assert peak.bytes is not None and 64 * 2**20 < peak.bytes < 1024 * 2**20
 
 
 def test_render_batches_every_strength_of_an_epoch(base, tmp_path):

@@ -92,3 +92,34 @@ def test_references_are_embedded_once_per_set_of_files(demo_dir, tmp_path):
     os.utime(paths[0], ns=(1, 1))
     again = scorer.references(paths)
     assert calls == [3, 2, 3] and not torch.equal(again.clip[0], first.clip[0])
+
+
+def test_likeness_references_are_seen_upright_like_training_sees_them(demo_dir, tmp_path):
+    """A phone photo stores its pixels sideways with an EXIF orientation tag: the references
+    (like training) must use the upright picture, not score a face lying down."""
+    from lora_lab.images import open_rgb
+
+    scorer = Scorer("object", FaceScorerConfig(pretrained=None), TINY_CLIP, torch.device("cpu"))
+    upright = Image.open(sorted((demo_dir / "10_sks woman").glob("*.png"))[0]).convert("RGB").resize((48, 64))
+    upright.save(tmp_path / "upright.png")
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 CW to view": the stored pixels are the upright image turned CCW
+    upright.rotate(90, expand=True).save(tmp_path / "phone.jpg", exif=exif, quality=100)
+    assert Image.open(tmp_path / "phone.jpg").size == (64, 48) and open_rgb(tmp_path / "phone.jpg").size == (48, 64)
+    seen = np.asarray(open_rgb(tmp_path / "phone.jpg"), dtype=float)
+    assert np.abs(seen - np.asarray(upright, dtype=float)).mean() < 8  # JPEG's loss only
+    a = scorer.references([tmp_path / "phone.jpg"]).clip[0]
+    b = scorer.references([tmp_path / "upright.png"]).clip[0]
+    sideways = scorer.clip.images([Image.open(tmp_path / "phone.jpg").convert("RGB")])[0]
+    assert float(a @ b) > float(a @ sideways)
+
+
+def test_sixteen_bit_and_palette_images_open_as_rgb(tmp_path):
+    from lora_lab.images import open_rgb
+
+    grey = Image.fromarray(np.full((8, 8), 40000, dtype=np.uint16))
+    grey.save(tmp_path / "g16.png")
+    im = open_rgb(tmp_path / "g16.png")
+    assert im.mode == "RGB" and im.getpixel((0, 0)) == (156, 156, 156)  # 40000 / 256
+    Image.new("P", (4, 4), 3).save(tmp_path / "p.png")
+    assert open_rgb(tmp_path / "p.png").mode == "RGB"

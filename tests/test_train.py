@@ -54,6 +54,19 @@ def test_epoch_files_metadata_and_tensorboard(base, cache_dir, demo_dir, tmp_pat
                 "ss_mixed_precision", "ss_noise_offset", "ss_min_snr_gamma", "ss_lr_warmup_steps",
                 "ss_num_epochs", "ss_learning_rate", "ss_unet_lr", "ss_text_encoder_lr"):
         assert key in meta, key
+    # As kohya writes them: the checkpoint's own name, batches per epoch, caches, the dataset.
+    assert meta["ss_sd_model_name"] == Path(result_source := base.source).name and result_source
+    assert meta["ss_num_batches_per_epoch"] == "6" and meta["ss_cache_latents"] == "True"
+    assert meta["ss_max_grad_norm"] == "1.0"
+    (ds,) = json.loads(meta["ss_datasets"])
+    assert ds["is_dreambooth"] is True and ds["num_train_images"] == 12 and ds["resolution"] == [32, 32]
+    assert ds["subsets"] == [{"img_count": 12, "num_repeats": 1, "color_aug": False, "flip_aug": False,
+                              "random_crop": False, "shuffle_caption": False, "keep_tokens": 0,
+                              "image_dir": "10_sks woman", "class_tokens": "sks woman", "is_reg": False}]
+    assert meta["modelspec.architecture"] == "stable-diffusion-v1/lora"
+    assert meta["modelspec.sai_model_spec"] == "1.0.1" and meta["modelspec.implementation"] == "diffusers"
+    assert meta["modelspec.title"] == "last" and meta["modelspec.resolution"] == "32x32"
+    assert meta["modelspec.prediction_type"] == "epsilon" and "modelspec_title" not in meta
     with safe_open(str(lora / "last.safetensors"), framework="pt") as fh:
         assert fh.metadata()["ss_training_finished_at"] != "None"
     ups = [v for k, v in load_file(lora / "last.safetensors").items() if k.endswith("lora_up.weight")]
@@ -208,3 +221,19 @@ def test_training_without_caches_matches_training_with_them(base, cache_dir, dem
     b = load_file(tmp_path / "online" / "lora" / "last.safetensors")
     for k in a:
         torch.testing.assert_close(a[k], b[k], atol=1e-4, rtol=1e-3)
+
+
+def test_checkpoint_name_and_hashes_as_kohya_and_a1111_compute_them(tmp_path):
+    import hashlib
+
+    from lora_lab.train import checkpoint_fields
+
+    blob = bytes(range(256)) * 8192  # 2 MiB
+    ckpt = tmp_path / "anything-v3.safetensors"
+    ckpt.write_bytes(blob)
+    fields = checkpoint_fields(str(ckpt))
+    assert fields == {"ss_sd_model_name": "anything-v3.safetensors",
+                      "ss_sd_model_hash": hashlib.sha256(blob[0x100000:0x110000]).hexdigest()[:8],
+                      "ss_new_sd_model_hash": hashlib.sha256(blob).hexdigest()}
+    assert checkpoint_fields(str(tmp_path)) == {"ss_sd_model_name": tmp_path.name}  # a diffusers folder
+    assert checkpoint_fields("runwayml/stable-diffusion-v1-5") == {"ss_sd_model_name": "runwayml/stable-diffusion-v1-5"}
