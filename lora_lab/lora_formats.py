@@ -10,7 +10,11 @@
   full-rank LoRA (``down`` = the change, ``up`` = identity, alpha = rank), so every strength
   scales it exactly as the UIs do. Such files render at about the cost of a second copy of
   the layers they touch.
-- DoRA (``dora_scale``): refused with a sentence (its strength is not a scaled weight change).
+- DoRA (kohya / LyCORIS LoRA with ``dora_scale``): needs the base model's weights, so
+  :func:`dora_to_kohya` runs once the base is loaded; the merged weight is ComfyUI's
+  (``(W + dW) * dora_scale / norm``, norm per input column, or per output row of ``W`` when
+  ``dora_scale`` runs along the output axis) and a strength s moves W by s times the
+  difference, as ComfyUI and A1111 apply it: an exact full-rank change again.
 """
 
 from __future__ import annotations
@@ -24,7 +28,8 @@ import torch
 from lora_lab.errors import LoraLabError
 
 KOHYA, DIFFUSERS, LOHA, LOKR = "kohya", "diffusers", "loha", "lokr"
-FULL_RANK = (LOHA, LOKR)  # converted to a full-rank LoRA: rendered one file at a time
+DORA = "dora"
+FULL_RANK = (LOHA, LOKR, DORA)  # converted to a full-rank LoRA: rendered one file at a time
 
 
 def detect(tensors: Dict[str, torch.Tensor]) -> str:
@@ -51,14 +56,12 @@ def to_kohya(tensors: Dict[str, torch.Tensor], meta: Dict[str, str], source: str
         return tensors, fmt
     if fmt == DIFFUSERS:
         return _from_diffusers(tensors, meta), fmt
-    if fmt in FULL_RANK:
+    if fmt == DORA:
+        return tensors, fmt  # converted by dora_to_kohya once the base model's weights are at hand
+    if fmt in (LOHA, LOKR):
         return _from_lycoris(tensors, fmt, source), fmt
-    if fmt == "dora":
-        raise LoraLabError(f"{source}: a DoRA file (dora_scale keys): its strength rescales the weight's "
-                           "magnitude, not a weight change, and lora_lab cannot render it at an exact strength "
-                           "yet; allowed: kohya LoRA / LoCon, diffusers / PEFT LoRA, LyCORIS LoHa and LoKr")
     raise LoraLabError(f"{source}: no LoRA weights this tool knows (keys like {next(iter(tensors), 'none')}); "
-                       "allowed: kohya LoRA / LoCon, diffusers / PEFT LoRA, LyCORIS LoHa and LoKr")
+                       "allowed: kohya LoRA / LoCon, diffusers / PEFT LoRA, LyCORIS LoHa and LoKr, DoRA")
 
 
 # diffusers' older attention-processor names -> the module they wrap
@@ -168,3 +171,46 @@ def full_rank(name: str, delta: torch.Tensor) -> Dict[str, torch.Tensor]:
     up = eye if delta.dim() == 2 else eye[:, :, None, None]
     return {f"{name}.lora_down.weight": delta.contiguous(), f"{name}.lora_up.weight": up,
             f"{name}.alpha": torch.tensor(float(out_ch))}
+
+
+def dora_delta(weight: torch.Tensor, down: torch.Tensor, up: torch.Tensor, alpha, dora_scale: torch.Tensor):
+    """DoRA's weight change at strength 1, as ComfyUI merges it: W' = (W + dW) * m / norm, where
+    dW = up @ down * alpha / rank, m = dora_scale, and the norm is taken per input column of
+    W + dW (kohya / LyCORIS' default), or per output row of W when m runs along the output axis."""
+    w = weight.float()
+    rank = down.shape[0]
+    scale = float(alpha) / rank if alpha is not None else 1.0
+    dw = (up.float().reshape(up.shape[0], -1) @ down.float().reshape(rank, -1)).reshape(w.shape) * scale
+    merged = w + dw
+    m = dora_scale.float()
+    if m.shape[0] == w.shape[0] and m.shape[0] != 1:
+        norm = w.reshape(w.shape[0], -1).norm(dim=1, keepdim=True).reshape(w.shape[0], *[1] * (w.dim() - 1))
+    else:
+        norm = (merged.transpose(0, 1).reshape(merged.shape[1], -1).norm(dim=1, keepdim=True)
+                .reshape(merged.shape[1], *[1] * (merged.dim() - 1)).transpose(0, 1))
+    norm = norm + torch.finfo(w.dtype).eps
+    return merged * (m.reshape(norm.shape) if m.numel() == norm.numel() else m) / norm - w
+
+
+def dora_to_kohya(tensors: Dict[str, torch.Tensor], weight_of, source: str) -> Dict[str, torch.Tensor]:
+    """A DoRA file as kohya tensors: each ``dora_scale`` module as its exact full-rank change
+    against the base weight ``weight_of(module name)`` (None: no such layer), others as they are."""
+    out: Dict[str, torch.Tensor] = {}
+    for key in tensors:
+        if not key.endswith(".lora_down.weight"):
+            continue
+        name = key[: -len(".lora_down.weight")]
+        down, up = tensors[key], tensors.get(f"{name}.lora_up.weight")
+        alpha = tensors.get(f"{name}.alpha")
+        if up is None:
+            raise LoraLabError(f"{source}: {name} has lora_down but no lora_up weight")
+        if f"{name}.dora_scale" not in tensors:
+            out.update({key: down, f"{name}.lora_up.weight": up})
+            if alpha is not None:
+                out[f"{name}.alpha"] = alpha
+            continue
+        weight = weight_of(name)
+        if weight is None:
+            raise LoraLabError(f"{source}: 1 LoRA layers match no layer of this base model (first: {name})")
+        out.update(full_rank(name, dora_delta(weight, down, up, alpha, tensors[f"{name}.dora_scale"])))
+    return out

@@ -248,6 +248,17 @@ def _walk_modules(unet, text_encoder) -> Dict[str, Tuple[str, torch.nn.Module, s
     return index
 
 
+def base_weight(unet, text_encoder, name: str) -> Optional[torch.Tensor]:
+    """The base model's weight of the layer a kohya LoRA module name points at (None: none)."""
+    lookup = "lora_te_" + name[len("lora_te1_"):] if name.startswith("lora_te1_") else name
+    found = _module_index(unet, text_encoder).get(lookup)
+    if found is None:
+        return None
+    part, path = found
+    layer = (unet if part == "unet" else text_encoder).get_submodule(path)
+    return (layer.get_base_layer() if hasattr(layer, "get_base_layer") else layer).weight.detach()
+
+
 def load_into(unet, text_encoder, tensors: Dict[str, torch.Tensor], source: str = "LoRA file",
               adapter: str = EVAL_ADAPTER) -> None:
     """Put a kohya LoRA into the models as the only active peft adapter (strength 1), reusing

@@ -166,13 +166,43 @@ def test_checkpoint_folders_of_diffusers_training_are_epochs_in_order(base, tmp_
     assert all(m["lora_lab_format"] == "diffusers" for *_, m in files)
 
 
-def test_dora_and_unknown_files_are_refused_by_name(tmp_path):
-    dora = {"lora_unet_x.lora_down.weight": torch.zeros(2, 4), "lora_unet_x.lora_up.weight": torch.zeros(4, 2),
-            "lora_unet_x.dora_scale": torch.ones(1, 4)}
-    with pytest.raises(LoraLabError, match=r"d\.safetensors: a DoRA file \(dora_scale keys\).*allowed: kohya"):
-        lora_formats.to_kohya(dora, {}, "d.safetensors")
+def test_unknown_files_are_refused_by_name():
     with pytest.raises(LoraLabError, match=r"e\.safetensors: no LoRA weights this tool knows \(keys like emb\)"):
         lora_formats.to_kohya({"emb": torch.zeros(2)}, {}, "e.safetensors")
+
+
+def _comfy_dora(w, down, up, alpha, m):
+    """ComfyUI's DoRA merge, written out for one linear layer: the norm per input column of
+    W + dW (m of shape (1, in)), or per output row of W (m of shape (out, 1))."""
+    dw = up @ down * (alpha / down.shape[0])
+    merged = w + dw
+    if m.shape[0] == w.shape[0]:
+        norm = w.norm(dim=1, keepdim=True)
+    else:
+        norm = merged.norm(dim=0, keepdim=True)
+    return merged * m / (norm + torch.finfo(torch.float32).eps)
+
+
+@pytest.mark.parametrize("axis", ["input", "output"])
+def test_dora_applies_comfyuis_merge_linearly_in_strength(base, axis):
+    name = KOHYA[ATTN]
+    w = base.unet.get_submodule(ATTN).weight.detach().clone()
+    down = torch.randn(4, 32, generator=_g(1)) * 0.2
+    up = torch.randn(32, 4, generator=_g(2)) * 0.2
+    m = (torch.rand(1, 32, generator=_g(3)) + 0.5) if axis == "input" else (torch.rand(32, 1, generator=_g(3)) + 0.5)
+    t = {f"{name}.lora_down.weight": down, f"{name}.lora_up.weight": up, f"{name}.alpha": torch.tensor(2.0),
+         f"{name}.dora_scale": m}
+    assert lora_formats.detect(t) == "dora"
+    raw, fmt = lora_formats.to_kohya(t, {}, "dora.safetensors")
+    assert fmt == "dora" and raw is t  # converted once the base is loaded
+    kohya = lora_formats.dora_to_kohya(t, lambda n: lora_io.base_weight(base.unet, base.text_encoder, n), "d")
+    change = _comfy_dora(w, down, up, 2.0, m) - w
+    for strength in (1.0, 0.4):  # ComfyUI and A1111: W + strength * (W' - W)
+        x, delta, layer = _applied_delta(base, kohya, ATTN, strength=strength)
+        torch.testing.assert_close(delta, _expected(x, change, layer, strength), atol=1e-5, rtol=1e-4)
+    with pytest.raises(LoraLabError, match="match no layer of this base model"):
+        lora_formats.dora_to_kohya({f"lora_unet_nope.{k.split('.', 1)[1]}": v for k, v in t.items()},
+                                   lambda n: lora_io.base_weight(base.unet, base.text_encoder, n), "d")
 
 
 def test_a_converted_key_that_matches_no_layer_stops_with_its_name(base):
@@ -214,6 +244,16 @@ def test_evaluate_renders_scores_and_judges_loha_and_diffusers_folders(base, cac
     text = Image.open(tmp_path / "ev_loha" / "cells" / "mine-000002" / "s1" / "p00_seed3.png").text["parameters"]
     assert "<lora:mine-000002:1>" in text
     assert set(json.loads((tmp_path / "ev_loha" / "verdict.json").read_text())["cells"][0]) >= {"verdict", "epoch"}
+
+    dora = tmp_path / "dora"
+    dora.mkdir()
+    save_file({f"{name}.lora_down.weight": torch.randn(4, 32, generator=_g(5)) * 0.3,
+               f"{name}.lora_up.weight": torch.randn(32, 4, generator=_g(6)) * 0.3,
+               f"{name}.alpha": torch.tensor(4.0), f"{name}.dora_scale": torch.rand(1, 32, generator=_g(7)) + 0.5},
+              str(dora / "d.safetensors"))
+    result = evaluate(cfg, base, dataset, dora, tmp_path / "ev_dora", progress=False)
+    assert (tmp_path / "ev_dora" / "cells" / "d" / "s1" / "p00_seed3.png").is_file()
+    assert list(result.judged[result.judged.strength == 1.0].label) == ["d"]
 
     path, _, _ = _peft_unet_file(base, tmp_path / "src")
     run = tmp_path / "run"
