@@ -22,7 +22,7 @@ from typing import Dict, List, Optional, Tuple
 import pandas as pd
 import torch
 
-from lora_lab import lora_formats, lora_io
+from lora_lab import eval_report, lora_formats, lora_io
 from lora_lab.config import Config
 from lora_lab.data import Dataset, load_dataset
 from lora_lab.errors import LoraLabError
@@ -250,6 +250,7 @@ def run(config: Config) -> EvalResult:
     base = load_base(config.model, Path(config.cache_dir), device)
     result = evaluate(config, base, dataset, lora_dir, out_dir, tb_dir=out_dir / "tb")
     log.info(summary(result))
+    log.info(f"report: {eval_report.write(out_dir, lora_dir, {config.model.name: result})}")
     return result
 
 
@@ -270,7 +271,7 @@ def _on_checkpoints(config: Config, dataset: Dataset, lora_dir: Path, out_dir: P
     if len(set(names)) < len(names):
         raise LoraLabError(f"eval.checkpoints: two checkpoints share a name ({', '.join(names)}); "
                            "their results would share a folder")
-    judged, best, result = {}, {}, None
+    judged, best, results, result = {}, {}, {}, None
     for name, model in models:
         log.info(f"evaluating {n_files} LoRA files in {lora_dir} on {name} -> {out_dir / name}")
         base = load_base(model, Path(config.cache_dir), device)
@@ -278,9 +279,11 @@ def _on_checkpoints(config: Config, dataset: Dataset, lora_dir: Path, out_dir: P
                           tb_dir=out_dir / name / "tb")
         del base
         log.info(summary(result))
-        judged[name], best[name] = result.judged, result.verdict["best"]
-    for line in transfer.write(out_dir, judged, best):
+        judged[name], best[name], results[name] = result.judged, result.verdict["best"], result
+    lines = transfer.write(out_dir, judged, best)
+    for line in lines:
         log.info(line)
+    log.info(f"report: {eval_report.write(out_dir, lora_dir, results, lines[:-1], transfer.table(judged))}")
     return result
 
 

@@ -117,6 +117,9 @@ def test_evaluate_cli(trained, cache_dir, tmp_path):
     assert "note: scores not meaningful: random scorer weights" in proc.stdout
     assert "epoch  strength  verdict" in proc.stdout
     assert (tmp_path / "ev" / "verdict.json").exists()
+    page = (tmp_path / "ev" / "report.html").read_text(encoding="utf-8")
+    assert f"report: {tmp_path / 'ev' / 'report.html'}" in proc.stdout and 'class="verdicts"' in page
+    assert "scores not meaningful: random scorer weights" in page and "<lora:" not in page  # escaped
     proc = subprocess.run([sys.executable, "-m", "lora_lab.evaluate", f"lora_dir={out / 'lora'}",
                            "eval.sampler=Euler b"], capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert proc.returncode == 2 and "eval.sampler: unknown value 'Euler b'" in proc.stderr
@@ -201,6 +204,14 @@ def test_one_lora_on_several_checkpoints_and_how_it_transfers(base, trained, tin
     a = Image.open(next((tmp_path / "ev" / "anything-v3" / "cells" / "base").glob("*.png")))
     b = Image.open(next((tmp_path / "ev" / "counterfeit-v3" / "cells" / "base").glob("*.png")))
     assert a.tobytes() != b.tobytes()  # really another checkpoint
+    # One page for it all: the transfer table, then each checkpoint's verdicts and grids.
+    page = (tmp_path / "ev" / "report.html").read_text(encoding="utf-8")
+    transfer_rows = page.split('id="transfer"', 1)[1].split("</table>", 1)[0].count("<tr><td>")
+    assert transfer_rows == len(table) and "On anything-v3" in page and "On counterfeit-v3" in page
+    import re
+
+    grids = re.findall(r'<img src="([^"]+)"', page)
+    assert len(grids) == 2 * 2 and all((tmp_path / "ev" / g).is_file() for g in grids)  # 2 prompts x 2 checkpoints
     bad = copy.deepcopy(cfg)
     bad.eval.checkpoints = [str(tmp_path / "missing.safetensors")]
     with pytest.raises(LoraLabError, match="missing.safetensors does not exist"):
