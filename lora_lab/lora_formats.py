@@ -1,6 +1,7 @@
 """LoRA files from other tools, detected from their keys and turned into kohya LoRA tensors.
 
-- kohya LoRA / LoCon (``lora_unet_...lora_down.weight``): as they are.
+- kohya LoRA / LoCon (``lora_unet_...lora_down.weight``): as they are; a Tucker core
+  (``lora_mid``) is folded into the down kernel.
 - diffusers / PEFT (``unet.<module path>.lora_A.weight``, ``text_encoder....lora_B.weight``,
   diffusers' older ``...processor.to_q_lora.down.weight`` and ``....lora.down.weight``):
   renamed; alpha from diffusers' ``lora_adapter_metadata`` when present, else the rank (scale
@@ -53,7 +54,7 @@ def to_kohya(tensors: Dict[str, torch.Tensor], meta: Dict[str, str], source: str
     """(kohya LoRA tensors, the format they came from) for any supported file."""
     fmt = detect(tensors)
     if fmt == KOHYA:
-        return tensors, fmt
+        return fold_tucker(tensors), fmt
     if fmt == DIFFUSERS:
         return _from_diffusers(tensors, meta), fmt
     if fmt == DORA:
@@ -62,6 +63,21 @@ def to_kohya(tensors: Dict[str, torch.Tensor], meta: Dict[str, str], source: str
         return _from_lycoris(tensors, fmt, source), fmt
     raise LoraLabError(f"{source}: no LoRA weights this tool knows (keys like {next(iter(tensors), 'none')}); "
                        "allowed: kohya LoRA / LoCon, diffusers / PEFT LoRA, LyCORIS LoHa and LoKr, DoRA")
+
+
+def fold_tucker(tensors: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """kohya LoCon with a Tucker core (``lora_mid``: rank x rank x k x k between a 1x1 down and
+    a 1x1 up) as a plain LoRA: the core folded into the down kernel, ``down'[a, i] = sum_b
+    mid[a, b] * down[b, i]``, which gives the weight change ComfyUI computes, exactly."""
+    mids = [k for k in tensors if k.endswith(".lora_mid.weight")]
+    if not mids:
+        return tensors
+    out = dict(tensors)
+    for key in mids:
+        name = key[: -len(".lora_mid.weight")]
+        mid, down = out.pop(key).float(), tensors[f"{name}.lora_down.weight"].float()
+        out[f"{name}.lora_down.weight"] = torch.einsum("abhw,bi->aihw", mid, down.reshape(down.shape[0], -1))
+    return out
 
 
 # diffusers' older attention-processor names -> the module they wrap

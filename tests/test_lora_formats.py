@@ -264,3 +264,22 @@ def test_evaluate_renders_scores_and_judges_loha_and_diffusers_folders(base, cac
     assert sorted(set(result.scores.epoch)) == [100, 200]
     assert (tmp_path / "ev_diffusers" / "cells" / "checkpoint-200" / "s1" / "p00_seed3.png").is_file()
     assert len(result.grids) == 2 and (tmp_path / "ev_diffusers" / "verdict.json").is_file()
+
+
+def test_locon_with_a_tucker_core_applies_comfyuis_change(base):
+    """kohya LoCon with lora_mid: ComfyUI's change is up @ (down through mid), written out."""
+    conv = KOHYA[CONV]
+    r, k = 2, 3
+    up = torch.randn(32, r, 1, 1, generator=_g(1)) * 0.3
+    down = torch.randn(r, 32, 1, 1, generator=_g(2)) * 0.3
+    mid = torch.randn(r, r, k, k, generator=_g(3)) * 0.3
+    t = {f"{conv}.lora_up.weight": up, f"{conv}.lora_down.weight": down, f"{conv}.lora_mid.weight": mid,
+         f"{conv}.alpha": torch.tensor(1.0)}
+    kohya, fmt = lora_formats.to_kohya(t, {}, "locon.safetensors")
+    assert fmt == "kohya" and f"{conv}.lora_mid.weight" not in kohya
+    # ComfyUI: mat2 = (down^T flattened) @ (mid transposed, flattened), reshaped; change = up @ mat2
+    mat2 = torch.mm(down.transpose(0, 1).flatten(start_dim=1), mid.transpose(0, 1).flatten(start_dim=1))
+    mat2 = mat2.reshape(32, r, k, k).transpose(0, 1)
+    change = torch.mm(up.flatten(start_dim=1), mat2.flatten(start_dim=1)).reshape(32, 32, k, k) * (1.0 / r)
+    x, delta, layer = _applied_delta(base, kohya, CONV)
+    torch.testing.assert_close(delta, _expected(x, change, layer), atol=1e-5, rtol=1e-4)
