@@ -96,8 +96,9 @@ def _from_diffusers(tensors: Dict[str, torch.Tensor], meta: Dict[str, str]) -> D
         elif m:
             part, path = m.group(1), m.group(2)
             which = "down" if (".lora_A." in key or ".down." in key) else "up"
-        else:
-            continue
+        else:  # nothing is dropped silently: a key we cannot place stops the evaluation
+            raise LoraLabError(f"diffusers LoRA: key {key} names no UNet or text-encoder LoRA weight lora_lab "
+                               "can place (an SDXL file's text_encoder_2, or another model's LoRA?)")
         pairs.setdefault(f"{part}.{path}", {})[which] = value
     out: Dict[str, torch.Tensor] = {}
     for name, pair in pairs.items():
