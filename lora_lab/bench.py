@@ -179,8 +179,10 @@ def compare(args) -> Dict:
 
 
 def _target(value: float, target: float, aim: float = None) -> str:
-    met = "met" if value >= target else "MISSED"
-    return f"target >= {target:g}x{f', aim {aim:g}x' if aim else ''}: {met}"
+    text = f"target >= {target:g}x: {'met' if value >= target else 'MISSED'}"
+    if aim:
+        text += f"; aim {aim:g}x: {'met' if value >= aim else 'missed'}"
+    return text
 
 
 def _table(r: Dict) -> str:

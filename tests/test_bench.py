@@ -24,6 +24,9 @@ def test_bench_command_reports_all_figures(tmp_path, cache_dir, demo_dir):
                   "evaluation images / s", "epoch switching", "per-trial set-up, warm worker", "peak memory",
                   "RSS trial 2 -> 3", "stage   baseline  lora_lab  share  bound"):
         assert label in proc.stdout
+    speedup = float(proc.stdout.split("x faster (")[0].rsplit(" ", 1)[-1])
+    assert f"target >= 4x: {'met' if speedup >= 4 else 'MISSED'}; aim 5x: {'met' if speedup >= 5 else 'missed'}" \
+        in proc.stdout
     result = json.loads((out / "bench.json").read_text())
     base, ours, bound, probe = result["baseline"], result["sweep"], result["bound"], result["probe"]
     assert base["images"] == 2 * 2 * 2  # trials x strengths x prompts, one image per X/Y cell
