@@ -420,8 +420,10 @@ def run(config: Config) -> "leaderboard.pd.DataFrame":
     created = not study_dir.exists()
     try:
         study_dir.mkdir(parents=True, exist_ok=True)
-        (study_dir / ".write-test").write_bytes(b"ok")
-        (study_dir / ".write-test").unlink()
+        # A name of this process's own: workers on several machines start on one folder at once.
+        probe = study_dir / f".write-test-{socket.gethostname()}-{os.getpid()}"
+        probe.write_bytes(b"ok")
+        probe.unlink()
     except OSError as exc:
         if created:
             shutil.rmtree(study_dir, ignore_errors=True)
