@@ -145,10 +145,10 @@ def probe(spec: Dict) -> Dict:
     settings = RenderSettings(cfg.eval.sampler, cfg.eval.steps, cfg.eval.cfg_scale, cfg.resolution,
                               list(cfg.eval.seeds), suite.negative_prompt, "bench")
     tensors, _ = lora_io.read_kohya(Path(spec["lora"]))
-    lora_io.load_into(base.unet, base.text_encoder, tensors)
+    lora_io.load_into(base.unet, base.text_encoders, tensors)
     strengths = [s for s in cfg.eval.strengths if s] or [1.0]
     speeds = {}
-    with lora_io.SampleStrengths(base.unet, base.text_encoder) as per_sample:
+    with lora_io.SampleStrengths(base.unet, base.text_encoders) as per_sample:
         for size in PROBE_BATCHES:
             jobs = [(suite.prompts[i % len(suite.prompts)], 1000 + i, strengths[i % len(strengths)])
                     for i in range(size)]

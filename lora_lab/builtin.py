@@ -64,6 +64,8 @@ def preset_folder(name: str, cache_dir: Path) -> Path:
         shutil.copytree(PRESETS_DIR / name, tmp, dirs_exist_ok=True)
         pad = "!" if name.startswith("sd21") else "<|endoftext|>"
         write_clip_tokenizer(tmp / "tokenizer", pad_token=pad)
+        if (tmp / "text_encoder_2").is_dir():  # SDXL: OpenCLIP's tokenizer pads with "!"
+            write_clip_tokenizer(tmp / "tokenizer_2", pad_token="!")
 
     return _publish(build, Path(cache_dir) / "presets" / name)
 
@@ -104,6 +106,9 @@ def _build(folder: Path, name: str) -> None:
     torch.manual_seed(TINY_SEED)
     if name == "sd15-random":
         _save(folder, *sd15_modules())
+        return
+    if name == "tiny-sdxl":
+        _build_sdxl(folder)
         return
     spec = _SPECS[name]
     n = len(spec["unet"])
@@ -147,6 +152,53 @@ def _build(folder: Path, name: str) -> None:
         )
     )
     _save(folder, unet, vae, text_encoder)
+
+
+def _tiny_text_config(hidden: int = 32, projection: int = 32, **extra):
+    from transformers import CLIPTextConfig
+
+    return CLIPTextConfig(hidden_size=hidden, intermediate_size=2 * hidden, num_attention_heads=4, num_hidden_layers=3,
+                          max_position_embeddings=77, vocab_size=49408, projection_dim=projection,
+                          bos_token_id=49406, eos_token_id=49407, pad_token_id=1, **extra)
+
+
+def _build_sdxl(folder: Path) -> None:
+    """A tiny model of SDXL's shape: its three-block UNet layout (so its layers have SDXL's
+    names), ``text_time`` conditioning on the pooled embedding and the six size ids, two text
+    encoders of different widths, as SDXL's (the second with a projection), whose hidden states
+    are concatenated."""
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    time_dim, pooled = 8, 32
+    unet = UNet2DConditionModel(
+        block_out_channels=(32, 64, 64), layers_per_block=2, sample_size=16, in_channels=4, out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=4, use_linear_projection=True, transformer_layers_per_block=(1, 1, 2),
+        addition_embed_type="text_time", addition_time_embed_dim=time_dim,
+        projection_class_embeddings_input_dim=6 * time_dim + pooled, cross_attention_dim=32 + 64, norm_num_groups=16,
+    )
+    vae = AutoencoderKL(
+        block_out_channels=(32, 32, 64), in_channels=3, out_channels=3, latent_channels=4,
+        down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
+        layers_per_block=1, norm_num_groups=16, sample_size=64, scaling_factor=0.13025, force_upcast=True,
+    )
+    text_encoder = CLIPTextModel(_tiny_text_config(hidden_act="quick_gelu"))
+    text_encoder_2 = CLIPTextModelWithProjection(_tiny_text_config(hidden=64, projection=pooled, hidden_act="gelu"))
+    scheduler = EulerDiscreteScheduler.from_config(
+        EulerDiscreteScheduler.load_config(PRESETS_DIR / "sdxl" / "scheduler"))
+    tok_dirs = (folder / "_tokenizer_src", folder / "_tokenizer_2_src")
+    write_clip_tokenizer(tok_dirs[0])
+    write_clip_tokenizer(tok_dirs[1], pad_token="!")
+    pipe = StableDiffusionXLPipeline(
+        vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2,
+        tokenizer=CLIPTokenizer.from_pretrained(tok_dirs[0]), tokenizer_2=CLIPTokenizer.from_pretrained(tok_dirs[1]),
+        unet=unet, scheduler=scheduler,
+    )
+    pipe.save_pretrained(folder, safe_serialization=True)
+    for tok_dir in tok_dirs:
+        shutil.rmtree(tok_dir)
 
 
 def _save(folder: Path, unet, vae, text_encoder) -> None:

@@ -11,7 +11,7 @@ import hashlib
 import os
 import tempfile
 from pathlib import Path
-from typing import Dict, Iterable, List
+from typing import Dict, Iterable, List, Optional, Tuple
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -74,18 +74,32 @@ def cache_latents(samples: Iterable[Sample], vae, resolution: int, vae_id: str, 
         chunk = todo[i : i + batch_size]
         pixels = torch.stack([image_tensor(s, resolution) for s in chunk]).to(device, dtype)
         params = vae.encode(pixels).latent_dist.parameters.float().cpu()
+        check_latents(params, [s.path for s in chunk], vae)
         for s, p in zip(chunk, params):
             atomic_save({"parameters": p}, _path(root, "latents", _key(s.id, resolution, CROP_RULE, vae_id)))
             out[s.id] = p
     return out
 
 
+def check_latents(params: torch.Tensor, paths: List[Path], vae) -> None:
+    """Stop when the VAE gave NaN or infinity, naming the image and the likely cause.
+
+    Raises:
+        TrainingError: naming the first image whose latent is not finite.
+    """
+    bad = [p for p, x in zip(paths, params) if not torch.isfinite(x).all()]
+    if bad:
+        from lora_lab.errors import TrainingError
+
+        raise TrainingError(
+            f"the VAE ({vae.dtype}) gave NaN for {bad[0]}" + (f" and {len(bad) - 1} more" if len(bad) > 1 else "")
+            + "; SDXL's VAE overflows in fp16: keep it in fp32 (the default) or set model.vae to an "
+            "fp16-safe VAE (e.g. madebyollin/sdxl-vae-fp16-fix)")
+
+
 def encode_text(captions: List[str], tokenizer, text_encoder, clip_skip: int) -> torch.Tensor:
     """Text embeddings as SD's UNet sees them; ``clip_skip`` 2 = penultimate layer (kohya, A1111)."""
-    ids = tokenizer(
-        captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-        return_tensors="pt",
-    ).input_ids.to(text_encoder.device)
+    ids = _ids(captions, tokenizer, text_encoder.device)
     if clip_skip == 1:
         return text_encoder(ids)[0]
     hidden = text_encoder(ids, output_hidden_states=True).hidden_states[-clip_skip]
@@ -93,24 +107,56 @@ def encode_text(captions: List[str], tokenizer, text_encoder, clip_skip: int) ->
     return getattr(text_encoder, "text_model", text_encoder).final_layer_norm(hidden)
 
 
+def _ids(captions: List[str], tokenizer, device) -> torch.Tensor:
+    return tokenizer(
+        captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+        return_tensors="pt",
+    ).input_ids.to(device)
+
+
+def encode(captions: List[str], tokenizers: Tuple, text_encoders: Tuple, clip_skip: int
+           ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """(hidden states the UNet attends to, pooled embedding or None) for one text encoder or
+    SDXL's two.
+
+    SDXL (as SGM, kohya and diffusers encode it): each encoder's penultimate hidden states with
+    no final layer norm (``clip_skip`` k takes layer -(k + 1)), concatenated on the feature axis,
+    and the second encoder's projected pooled output.
+    """
+    if len(text_encoders) == 1:
+        return encode_text(captions, tokenizers[0], text_encoders[0], clip_skip), None
+    hidden, pooled = [], None
+    for tokenizer, encoder in zip(tokenizers, text_encoders):
+        out = encoder(_ids(captions, tokenizer, encoder.device), output_hidden_states=True)
+        hidden.append(out.hidden_states[-(clip_skip + 1)])
+        pooled = out.text_embeds if hasattr(out, "text_embeds") else pooled
+    if pooled is None:
+        raise ValueError("SDXL's second text encoder must have a projection (CLIPTextModelWithProjection)")
+    return torch.cat(hidden, dim=-1), pooled
+
+
 @torch.no_grad()
-def cache_text(captions: Iterable[str], tokenizer, text_encoder, clip_skip: int, te_id: str,
-               root: Path, batch_size: int = 16) -> Dict[str, torch.Tensor]:
-    """Text embeddings of a frozen text encoder, per caption."""
-    tok_id = f"{tokenizer.__class__.__name__}/{len(tokenizer)}/{tokenizer.model_max_length}"
+def cache_text(captions: Iterable[str], tokenizers: Tuple, text_encoders: Tuple, clip_skip: int, te_id: str,
+               root: Path, batch_size: int = 16) -> Dict[str, Tuple[torch.Tensor, Optional[torch.Tensor]]]:
+    """Text embeddings (and SDXL's pooled embedding) of frozen text encoders, per caption."""
+    tok_id = "+".join(f"{t.__class__.__name__}/{len(t)}/{t.model_max_length}/{t.pad_token}" for t in tokenizers)
     unique = sorted(set(captions))
-    out: Dict[str, torch.Tensor] = {}
+    out: Dict[str, Tuple[torch.Tensor, Optional[torch.Tensor]]] = {}
     todo = []
     for c in unique:
         p = _path(root, "text", _key(c, clip_skip, te_id, tok_id))
         if p.exists():
-            out[c] = load_file(p)["embedding"]
+            saved = load_file(p)
+            out[c] = (saved["embedding"], saved.get("pooled"))
         else:
             todo.append(c)
     for i in tqdm(range(0, len(todo), batch_size), desc="caching text", disable=not todo, leave=False):
         chunk = todo[i : i + batch_size]
-        emb = encode_text(chunk, tokenizer, text_encoder, clip_skip).float().cpu()
-        for c, e in zip(chunk, emb):
-            atomic_save({"embedding": e}, _path(root, "text", _key(c, clip_skip, te_id, tok_id)))
-            out[c] = e
+        emb, pooled = encode(chunk, tokenizers, text_encoders, clip_skip)
+        for j, c in enumerate(chunk):
+            tensors = {"embedding": emb[j].float().cpu()}
+            if pooled is not None:
+                tensors["pooled"] = pooled[j].float().cpu()
+            atomic_save(tensors, _path(root, "text", _key(c, clip_skip, te_id, tok_id)))
+            out[c] = (tensors["embedding"], tensors.get("pooled"))
     return out

@@ -33,7 +33,7 @@ OPTIMIZERS = ("adamw", "adamw8bit", "adafactor", "prodigy", "dadaptation", "lion
 # learning_rate ~ 1.0 and a constant schedule.
 ADAPTIVE_OPTIMIZERS = ("prodigy", "dadaptation")
 MIXED_PRECISION = ("no", "fp16", "bf16")
-PRESETS = ("sd15", "sd21", "sd21_base")
+PRESETS = ("sd15", "sd21", "sd21_base", "sdxl")
 # Made by lora_lab itself; packages register more (lora_lab.plugins: the toy world's).
 _EXPLICIT: set = set()  # config keys the command line (or the composing caller) set
 
@@ -52,7 +52,7 @@ def explicit_keys() -> set:
     return set(_EXPLICIT)
 
 
-BUILTIN_MODELS = ("tiny", "bench", "sd15-random")
+BUILTIN_MODELS = ("tiny", "tiny-sdxl", "bench", "sd15-random")
 BUILTIN_DATA = ("demo",)
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 
@@ -85,13 +85,20 @@ class ModelConfig:
             and loaded back like any local folder); ``bench`` a larger one for benchmarks;
             or a name a package registers (lora_lab.plugins), e.g. ``toyworld``.
             Ignored when ``pretrained`` is set.
-        preset: Architecture of a single-file checkpoint: sd15, sd21 (v-prediction, 768 px)
-            or sd21_base (epsilon, 512 px). Its config files ship with lora_lab.
+        preset: Architecture of a single-file checkpoint: sd15, sd21 (v-prediction, 768 px),
+            sd21_base (epsilon, 512 px) or sdxl (SDXL base 1.0 and its derivatives: Pony,
+            Illustrious, Juggernaut ...). Its config files ship with lora_lab; a single file
+            of another architecture is refused.
         config_dir: A local diffusers-style folder to use instead of ``preset`` for a
             single-file checkpoint.
         prediction_type: Override the scheduler's prediction type (epsilon, v_prediction).
         resolution: The model's native resolution, used when ``train.resolution`` is unset.
-        base_version: Written as ``ss_base_model_version`` (sd_v1, sd_v2, sd_v2_768_v ...).
+        base_version: Written as ``ss_base_model_version`` (sd_v1, sd_v2, sd_v2_768_v,
+            sdxl_base_v1-0 ...).
+        vae: Another VAE to use instead of the model's own: a diffusers folder, a hub id or a
+            single ``.safetensors`` file (e.g. an fp16-safe SDXL VAE). SDXL's own VAE overflows
+            in fp16, so it always runs in fp32; a VAE whose config says ``force_upcast: false``
+            runs in the run's mixed precision.
     """
 
     name: str = "tiny"
@@ -102,6 +109,7 @@ class ModelConfig:
     prediction_type: Optional[str] = None
     resolution: int = 64
     base_version: str = "sd_v1"
+    vae: Optional[str] = None
 
     def __post_init__(self) -> None:
         _require(
@@ -193,6 +201,8 @@ class TrainConfig:
     ``network_alpha`` has kohya's meaning: the LoRA output is scaled by alpha / dim, and the
     default is 1 (diffusers' scripts use alpha = rank instead, a scale of 1).
     ``text_encoder_lr`` of 0 or null leaves the text encoder untouched (no text-encoder LoRA).
+    ``text_encoder_2_lr``: SDXL's second text encoder (OpenCLIP ViT-bigG); null = the rate of
+    ``text_encoder_lr``, 0 = not trained.
     ``lr_warmup_steps`` below 1 is a ratio of the total step count.
     ``conv_dim`` > 0 adds LoRA to ResNet and resampling convolutions (kohya's LoCon).
     ``cache_latents`` / ``cache_text_embeddings`` (kohya: cache_latents,
@@ -207,6 +217,7 @@ class TrainConfig:
     learning_rate: float = 1e-4
     unet_lr: Optional[float] = None
     text_encoder_lr: Optional[float] = None
+    text_encoder_2_lr: Optional[float] = None
     lr_scheduler: str = "constant"
     lr_scheduler_num_cycles: int = 1
     lr_scheduler_power: float = 1.0
@@ -250,6 +261,8 @@ class TrainConfig:
             _positive(self.unet_lr, "train.unet_lr")
         if self.text_encoder_lr is not None:
             _positive(self.text_encoder_lr, "train.text_encoder_lr", allow_zero=True)
+        if self.text_encoder_2_lr is not None:
+            _positive(self.text_encoder_2_lr, "train.text_encoder_2_lr", allow_zero=True)
         _choice(self.lr_scheduler, "train.lr_scheduler", LR_SCHEDULERS)
         _choice(self.optimizer, "train.optimizer", OPTIMIZERS)
         _choice(self.mixed_precision, "train.mixed_precision", MIXED_PRECISION)
@@ -273,7 +286,13 @@ class TrainConfig:
 
     @property
     def trains_text_encoder(self) -> bool:
-        return bool(self.text_encoder_lr)
+        return bool(self.text_encoder_lr) or bool(self.text_encoder_2_lr)
+
+    def text_encoder_lr_of(self, index: int) -> float:
+        """The learning rate of text encoder ``index`` (0: the first; 1: SDXL's second); 0 = frozen."""
+        if index == 1 and self.text_encoder_2_lr is not None:
+            return self.text_encoder_2_lr
+        return self.text_encoder_lr or 0.0
 
     @property
     def effective_unet_lr(self) -> float:

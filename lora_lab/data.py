@@ -20,7 +20,7 @@ import re
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, List, Optional
+from typing import Iterable, List, Optional, Tuple
 
 from PIL import Image, UnidentifiedImageError
 
@@ -47,6 +47,8 @@ class Sample:
         is_reg: A regularization (prior preservation) image.
         shuffle_caption: Shuffle comma-separated tags each step.
         keep_tokens: Tags kept in front when shuffling.
+        size: (width, height) of the upright image (EXIF orientation applied): SDXL's
+            "original size" conditioning.
     """
 
     id: str
@@ -56,6 +58,7 @@ class Sample:
     is_reg: bool = False
     shuffle_caption: bool = False
     keep_tokens: int = 0
+    size: Tuple[int, int] = (0, 0)
 
 
 @dataclass
@@ -250,7 +253,8 @@ def _subset(folder: Path, repeats: int, class_tokens: str, caption_ext: str, is_
                 f"{image} has no caption file {caption_file.name} and its folder names no class "
                 "token to use instead; add the caption file or name the folder '<repeats>_<token>'"
             )
-        out.append(Sample(_check_image(image), image, caption, repeats, is_reg, shuffle, keep_tokens))
+        digest, size = _check_image(image)
+        out.append(Sample(digest, image, caption, repeats, is_reg, shuffle, keep_tokens, size))
     return out
 
 
@@ -275,8 +279,9 @@ def _from_metadata(folder: Path, cfg: DataConfig) -> List[Sample]:
         if not image.exists():
             raise DataError(f"{meta} line {n}: image {image} does not exist")
         caption = str(row[cfg.caption_column]).strip()
-        samples.append(Sample(_check_image(image), image, caption, cfg.repeats or 1, False,
-                              cfg.shuffle_caption, cfg.keep_tokens))
+        digest, size = _check_image(image)
+        samples.append(Sample(digest, image, caption, cfg.repeats or 1, False,
+                              cfg.shuffle_caption, cfg.keep_tokens, size))
     if not samples:
         raise DataError(f"{meta} lists no images")
     return samples
@@ -327,8 +332,8 @@ def _read_caption(path: Path) -> str:
     return " ".join(text.split())
 
 
-def _check_image(path: Path) -> str:
-    """Open and fully decode an image; return the sha256 of its bytes."""
+def _check_image(path: Path) -> Tuple[str, Tuple[int, int]]:
+    """Open and fully decode an image; return the sha256 of its bytes and its upright size."""
     raw = path.read_bytes()
     if not raw:
         raise DataError(f"image {path} is empty (0 bytes)")
@@ -337,20 +342,28 @@ def _check_image(path: Path) -> str:
 
         with Image.open(BytesIO(raw)) as im:
             im.load()
+            w, h = im.size
+            if im.getexif().get(0x0112) in (5, 6, 7, 8):  # EXIF orientation turns it by 90 degrees
+                w, h = h, w
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         raise DataError(f"image {path} cannot be read as an image ({exc.__class__.__name__}: {exc})") from None
-    return hashlib.sha256(raw).hexdigest()
+    return hashlib.sha256(raw).hexdigest(), (w, h)
+
+
+def crop_box(size: Tuple[int, int], resolution: int) -> Tuple[Tuple[int, int], Tuple[int, int]]:
+    """Where :func:`load_image` takes its square from an image of ``size`` (width, height): the
+    resized (width, height) and the crop's (top, left) in it (SDXL's crop conditioning)."""
+    w, h = size
+    scale = resolution / min(w, h)
+    rw, rh = max(resolution, round(w * scale)), max(resolution, round(h * scale))
+    return (rw, rh), ((rh - resolution) // 2, (rw - resolution) // 2)
 
 
 def load_image(path: Path, resolution: int) -> Image.Image:
     """RGB image with its short side resized to ``resolution`` and center-cropped square."""
     im = open_rgb(path)
-    w, h = im.size
-    scale = resolution / min(w, h)
-    im = im.resize((max(resolution, round(w * scale)), max(resolution, round(h * scale))),
-                   Image.Resampling.LANCZOS)
-    w, h = im.size
-    left, top = (w - resolution) // 2, (h - resolution) // 2
+    (w, h), (top, left) = crop_box(im.size, resolution)
+    im = im.resize((w, h), Image.Resampling.LANCZOS)
     return im.crop((left, top, left + resolution, top + resolution))
 
 

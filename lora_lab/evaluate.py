@@ -123,7 +123,7 @@ def evaluate(config: Config, base: BaseModel, dataset: Dataset, lora_dir: Path, 
     if epochs is not None:
         files = [f for f in files if f[0] in epochs]
     files = [(e, path, lora_formats.dora_to_kohya(
-                 t, lambda name: lora_io.base_weight(base.unet, base.text_encoder, name), str(path)), m)
+                 t, lambda name: lora_io.base_weight(base.unet, base.text_encoders, name), str(path)), m)
              if m.get("lora_lab_format") == lora_formats.DORA else (e, path, t, m) for e, path, t, m in files]
     strengths = [float(s) for s in e.strengths]
     if 0.0 not in strengths:

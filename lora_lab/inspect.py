@@ -109,12 +109,11 @@ def inspect(path: Path, base=None) -> dict:
             kohya, _ = lora_formats.to_kohya(tensors, meta, str(path))
         except LoraLabError:
             kohya = tensors
-        index = lora_io._module_index(base.unet, base.text_encoder)
+        index = lora_io._module_index(base.unet, base.text_encoders)
         for key in kohya:
             if key.endswith(".lora_down.weight"):
                 name = key[: -len(".lora_down.weight")]
-                lookup = "lora_te_" + name[len("lora_te1_"):] if name.startswith("lora_te1_") else name
-                if lookup not in index:
+                if lora_io._lookup(name, index) not in index:
                     unmatched.append(name)
         if unmatched:
             warnings.append(f"{len(unmatched)} modules name no layer of this base model (first: {unmatched[0]}): "
@@ -192,7 +191,18 @@ def _load_base(spec: str, cache_dir: Path):
     from lora_lab.config import conf_dir
 
     config_names = {p.stem for p in (conf_dir() / "model").glob("*.yaml")}
-    overrides = [f"model={spec}"] if spec in config_names else ["model=sd15", f"model.pretrained={spec}"]
+    if spec in config_names:
+        overrides = [f"model={spec}"]
+    else:  # a single file says its architecture in its keys; a folder or hub id: SD 1.x unless XL
+        from lora_lab.sdxl import single_file_arch
+
+        path = Path(spec).expanduser()
+        arch = single_file_arch(path) if path.is_file() and path.suffix == ".safetensors" else None
+        index = path / "model_index.json"
+        if arch is None and index.is_file() and "XL" in index.read_text(encoding="utf-8"):
+            arch = "sdxl"
+        model = {"sdxl": "sdxl", "sd2": "sd21"}.get(arch, "sd15")
+        overrides = [f"model={model}", f"model.pretrained={spec}"]
     cfg = compose(overrides + [f"cache_dir={cache_dir}"])
     return load_base(cfg.model, cache_dir, _torch.device("cpu"))
 

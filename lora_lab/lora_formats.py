@@ -42,9 +42,10 @@ def detect(tensors: Dict[str, torch.Tensor]) -> str:
         return LOHA
     if any(".lokr_w1" in k for k in keys):
         return LOKR
-    if any(k.startswith(("lora_unet_", "lora_te_", "lora_te1_")) and k.endswith(".lora_down.weight") for k in keys):
+    if any(k.startswith(("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")) and k.endswith(".lora_down.weight")
+           for k in keys):
         return KOHYA
-    if any(k.startswith(("unet.", "text_encoder.")) and (".lora_A." in k or ".lora.down." in k or "_lora.down." in k
+    if any(k.startswith(("unet.", "text_encoder.", "text_encoder_2.")) and (".lora_A." in k or ".lora.down." in k or "_lora.down." in k
                                                           or ".lora_linear_layer.down." in k) for k in keys):
         return DIFFUSERS
     return "unknown"
@@ -88,7 +89,7 @@ def _from_diffusers(tensors: Dict[str, torch.Tensor], meta: Dict[str, str]) -> D
     alphas = _diffusers_alphas(meta)
     pairs: Dict[str, Dict[str, torch.Tensor]] = {}
     for key, value in tensors.items():
-        m = re.match(r"^(unet|text_encoder)\.(.+?)\.(?:lora_A|lora_B|lora\.down|lora\.up|lora_linear_layer\.down|"
+        m = re.match(r"^(unet|text_encoder_2|text_encoder)\.(.+?)\.(?:lora_A|lora_B|lora\.down|lora\.up|lora_linear_layer\.down|"
                      r"lora_linear_layer\.up)\.weight$", key)
         m2 = re.match(r"^(unet)\.(.+)\.processor\.(to_q_lora|to_k_lora|to_v_lora|to_out_lora)\.(down|up)\.weight$", key)
         if m2:
@@ -98,14 +99,17 @@ def _from_diffusers(tensors: Dict[str, torch.Tensor], meta: Dict[str, str]) -> D
             which = "down" if (".lora_A." in key or ".down." in key) else "up"
         else:  # nothing is dropped silently: a key we cannot place stops the evaluation
             raise LoraLabError(f"diffusers LoRA: key {key} names no UNet or text-encoder LoRA weight lora_lab "
-                               "can place (an SDXL file's text_encoder_2, or another model's LoRA?)")
+                               "can place (another model's LoRA?)")
         pairs.setdefault(f"{part}.{path}", {})[which] = value
     out: Dict[str, torch.Tensor] = {}
     for name, pair in pairs.items():
         part, path = name.split(".", 1)
         if set(pair) != {"down", "up"}:
             raise LoraLabError(f"diffusers LoRA: {name} has {' and '.join(pair)} weights only")
-        kohya = ("lora_unet_" if part == "unet" else "lora_te_") + path.replace(".", "_")
+        prefix = {"unet": "lora_unet_", "text_encoder": "lora_te_", "text_encoder_2": "lora_te2_"}[part]
+        if part != "unet" and not path.startswith("text_model."):  # transformers 5 names CLIPTextModel's
+            path = "text_model." + path  # layers without text_model; kohya's names keep it
+        kohya = prefix + path.replace(".", "_")
         rank = pair["down"].shape[0]
         out[f"{kohya}.lora_down.weight"] = pair["down"]
         out[f"{kohya}.lora_up.weight"] = pair["up"]

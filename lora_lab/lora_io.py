@@ -3,7 +3,10 @@
 kohya's format is what AUTOMATIC1111, ComfyUI and diffusers' ``load_lora_weights`` read:
 ``lora_unet_<module path, '.' -> '_'>.lora_down.weight`` / ``.lora_up.weight`` / ``.alpha``
 (a 0-d tensor; the output is scaled by alpha / rank), ``lora_te_...`` for the text encoder,
-and ``ss_*`` metadata strings in the safetensors header.
+and ``ss_*`` metadata strings in the safetensors header. SDXL files name UNet layers by their
+original (SGM) paths and the two text encoders ``lora_te1_`` / ``lora_te2_`` (:mod:`lora_lab.sdxl`).
+
+Functions that take ``text_encoder`` accept one module or a tuple of them (SDXL's two).
 
 We write the keys ourselves from the peft layers: diffusers' ``convert_state_dict_to_kohya``
 drops the ``lora_unet_`` prefix when given a UNet's own state dict and writes alpha = rank
@@ -24,6 +27,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save as safetensors_bytes
 
+from lora_lab import sdxl
 from lora_lab.cache import atomic_save
 from lora_lab.config import TrainConfig
 from lora_lab.errors import LoraLabError
@@ -83,6 +87,23 @@ def text_lora_config(text_encoder: torch.nn.Module, cfg: TrainConfig):
     )
 
 
+def text_parts(text_encoder) -> List[Tuple[str, str, torch.nn.Module]]:
+    """(kohya prefix, part name, module) per text encoder: ``lora_te_`` for SD 1.x / 2.x's one,
+    ``lora_te1_`` and ``lora_te2_`` for SDXL's two (as kohya names them)."""
+    if text_encoder is None:
+        return []
+    encoders = [m for m in (text_encoder if isinstance(text_encoder, (list, tuple)) else (text_encoder,))
+                if m is not None]
+    if len(encoders) == 1:
+        return [("lora_te_", "text_encoder", encoders[0])]
+    return [(f"lora_te{i}_", "text_encoder" if i == 1 else f"text_encoder_{i}", m)
+            for i, m in enumerate(encoders, start=1)]
+
+
+def _modules(unet, text_encoder) -> List[torch.nn.Module]:
+    return [unet] + [m for _, _, m in text_parts(text_encoder)]
+
+
 def _inject(module: torch.nn.Module, config, adapter: str) -> None:
     """Add ``adapter`` to a model through peft itself and make it the active one.
 
@@ -99,12 +120,14 @@ def _inject(module: torch.nn.Module, config, adapter: str) -> None:
 
 
 def attach(unet, text_encoder, cfg: TrainConfig) -> List[torch.nn.Parameter]:
-    """Add fresh LoRA adapters (fp32) and return the trainable parameters."""
+    """Add fresh LoRA adapters (fp32) and return the trainable parameters: the UNet's, and each
+    text encoder's whose learning rate is set (SDXL's second: ``text_encoder_2_lr``)."""
     _inject(unet, unet_lora_config(unet, cfg), ADAPTER)
     modules = [unet]
-    if cfg.trains_text_encoder:
-        _inject(text_encoder, text_lora_config(text_encoder, cfg), ADAPTER)
-        modules.append(text_encoder)
+    for index, (_, _, encoder) in enumerate(text_parts(text_encoder)):
+        if cfg.text_encoder_lr_of(index):
+            _inject(encoder, text_lora_config(encoder, cfg), ADAPTER)
+            modules.append(encoder)
     params = []
     for module in modules:
         for name, p in module.named_parameters():
@@ -117,7 +140,7 @@ def attach(unet, text_encoder, cfg: TrainConfig) -> List[torch.nn.Parameter]:
 
 def detach(unet, text_encoder) -> None:
     """Remove every adapter and unwrap the peft layers: the modules are the base model's again."""
-    for module in (unet, text_encoder):
+    for module in _modules(unet, text_encoder):
         _remove_one(module)
 
 
@@ -147,7 +170,8 @@ def _activate(module: torch.nn.Module, adapter: str) -> None:
 @contextmanager
 def adapters_disabled(*modules: torch.nn.Module):
     """Run the base model: every LoRA layer bypassed, then restored."""
-    layers = [layer for m in modules for layer in _tuner_layers(m)]
+    flat = [x for m in modules for x in (m if isinstance(m, (list, tuple)) else (m,)) if x is not None]
+    layers = [layer for m in flat for layer in _tuner_layers(m)]
     for layer in layers:
         layer.enable_adapters(False)
     try:
@@ -158,23 +182,25 @@ def adapters_disabled(*modules: torch.nn.Module):
 
 
 def kohya_state_dict(unet, text_encoder=None) -> Dict[str, torch.Tensor]:
-    """The attached adapters as kohya tensors (fp32, CPU)."""
+    """The attached adapters as kohya tensors (fp32, CPU); ``text_encoder`` None: UNet only."""
     out: Dict[str, torch.Tensor] = {}
-    parts = [("lora_unet_", unet)] + ([("lora_te_", text_encoder)] if text_encoder is not None else [])
+    parts = [("lora_unet_", unet)] + [(prefix, m) for prefix, _, m in text_parts(text_encoder)]
     for prefix, module in parts:
         for name, layer in _lora_layers(module):
-            key = prefix + _kohya_module_name(prefix, name)
+            key = prefix + _kohya_module_name(prefix, name, unet)
             out[f"{key}.lora_down.weight"] = layer.lora_A[ADAPTER].weight.detach().float().cpu().clone()
             out[f"{key}.lora_up.weight"] = layer.lora_B[ADAPTER].weight.detach().float().cpu().clone()
             out[f"{key}.alpha"] = torch.tensor(float(layer.lora_alpha[ADAPTER]))
     return out
 
 
-def _kohya_module_name(prefix: str, name: str) -> str:
+def _kohya_module_name(prefix: str, name: str, unet=None) -> str:
     # kohya names text-encoder layers from CLIPTextModel's ``text_model`` child; transformers 5
     # flattened that level away, so put it back for the file to match A1111 / kohya / ComfyUI.
-    if prefix == "lora_te_" and not name.startswith("text_model."):
+    if prefix.startswith("lora_te") and not name.startswith("text_model."):
         name = "text_model." + name
+    elif prefix == "lora_unet_" and unet is not None and sdxl.is_sdxl_unet(unet):
+        name = sdxl.sgm_name(name, unet.config)
     return name.replace(".", "_")
 
 
@@ -225,12 +251,13 @@ _INDEXES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
 def _module_index(unet, text_encoder) -> Dict[str, Tuple[str, str]]:
-    """kohya LoRA name -> (part, module path), walked once per pair of models (an adapter
-    wraps a layer but never moves it, so the names and paths stay valid)."""
-    per_unet = _INDEXES.setdefault(unet, weakref.WeakKeyDictionary())
-    if text_encoder not in per_unet:
-        per_unet[text_encoder] = {k: (part, path) for k, (part, _, path) in _walk_modules(unet, text_encoder).items()}
-    return per_unet[text_encoder]
+    """kohya LoRA name -> (part, module path), walked once per UNet and text encoders (an
+    adapter wraps a layer but never moves it, so the names and paths stay valid)."""
+    per_unet = _INDEXES.setdefault(unet, {})
+    key = tuple(id(m) for _, _, m in text_parts(text_encoder))
+    if key not in per_unet:
+        per_unet[key] = {k: (part, path) for k, (part, _, path) in _walk_modules(unet, text_encoder).items()}
+    return per_unet[key]
 
 
 def _walk_modules(unet, text_encoder) -> Dict[str, Tuple[str, torch.nn.Module, str]]:
@@ -238,24 +265,44 @@ def _walk_modules(unet, text_encoder) -> Dict[str, Tuple[str, torch.nn.Module, s
     from peft.tuners.lora import LoraLayer
 
     index = {}
-    for prefix, part, module in (("lora_unet_", "unet", unet), ("lora_te_", "text_encoder", text_encoder)):
+    for prefix, part, module in [("lora_unet_", "unet", unet)] + text_parts(text_encoder):
         for name, m in module.named_modules():
             if isinstance(m, LoraLayer):
                 m = m.get_base_layer()
             elif ".base_layer" in name or not isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)):
                 continue
-            index[prefix + _kohya_module_name(prefix, name)] = (part, m, name)
+            try:
+                index[prefix + _kohya_module_name(prefix, name, unet)] = (part, m, name)
+            except KeyError:  # an SDXL UNet layer SGM has no name for: no LoRA can target it
+                continue
+            if part == "unet":  # SDXL files some tools write with diffusers' names (A1111 reads them too)
+                index.setdefault(prefix + name.replace(".", "_"), (part, m, name))
     return index
+
+
+def _lookup(name: str, index) -> str:
+    """The index key of a file's module name: a ``lora_te1_`` name on a model with one text
+    encoder is that encoder's (some SD 1.x files are written so), and a ``lora_te_`` name on
+    SDXL is its first encoder's (files converted from diffusers' format)."""
+    if name not in index and name.startswith("lora_te1_"):
+        return "lora_te_" + name[len("lora_te1_"):]
+    if name not in index and name.startswith("lora_te_"):
+        return "lora_te1_" + name[len("lora_te_"):]
+    return name
+
+
+def _part_modules(unet, text_encoder) -> Dict[str, torch.nn.Module]:
+    return {"unet": unet, **{part: m for _, part, m in text_parts(text_encoder)}}
 
 
 def base_weight(unet, text_encoder, name: str) -> Optional[torch.Tensor]:
     """The base model's weight of the layer a kohya LoRA module name points at (None: none)."""
-    lookup = "lora_te_" + name[len("lora_te1_"):] if name.startswith("lora_te1_") else name
-    found = _module_index(unet, text_encoder).get(lookup)
+    index = _module_index(unet, text_encoder)
+    found = index.get(_lookup(name, index))
     if found is None:
         return None
     part, path = found
-    layer = (unet if part == "unet" else text_encoder).get_submodule(path)
+    layer = _part_modules(unet, text_encoder)[part].get_submodule(path)
     return (layer.get_base_layer() if hasattr(layer, "get_base_layer") else layer).weight.detach()
 
 
@@ -269,13 +316,14 @@ def load_into(unet, text_encoder, tensors: Dict[str, torch.Tensor], source: str 
         LoraLabError: when keys match no layer of this base model (another architecture).
     """
     index = _module_index(unet, text_encoder)
-    entries: Dict[str, Dict[str, tuple]] = {"unet": {}, "text_encoder": {}}
+    modules = _part_modules(unet, text_encoder)
+    entries: Dict[str, Dict[str, tuple]] = {part: {} for part in modules}
     unknown = []
     for key in tensors:
         if not key.endswith(".lora_down.weight"):
             continue
         name = key[: -len(".lora_down.weight")]
-        lookup = "lora_te_" + name[len("lora_te1_"):] if name.startswith("lora_te1_") else name
+        lookup = _lookup(name, index)
         if lookup not in index:
             unknown.append(name)
             continue
@@ -288,11 +336,11 @@ def load_into(unet, text_encoder, tensors: Dict[str, torch.Tensor], source: str 
     if unknown:
         raise LoraLabError(
             f"{source}: {len(unknown)} LoRA layers match no layer of this base model (first: {unknown[0]}); "
-            "is it made for another architecture (SDXL, SD 2 vs 1.5)?"
+            f"{_arch_hint(unknown, unet)}"
         )
-    if not entries["unet"] and not entries["text_encoder"]:
+    if not any(entries.values()):
         raise LoraLabError(f"{source}: no kohya LoRA weights found (keys like lora_unet_....lora_down.weight)")
-    for part, module in (("unet", unet), ("text_encoder", text_encoder)):
+    for part, module in modules.items():
         wanted = entries[part]
         layers = dict(_lora_layers(module, adapter))
         current = {name: (layer.r[adapter], float(layer.lora_alpha[adapter])) for name, layer in layers.items()}
@@ -312,9 +360,21 @@ def load_into(unet, text_encoder, tensors: Dict[str, torch.Tensor], source: str 
                 layer.set_scale(adapter, 1.0)
 
 
+def _arch_hint(unknown: List[str], unet) -> str:
+    """Which architecture a file's unplaceable names point at, in words."""
+    xl_names = any(n.startswith(("lora_te2_", "lora_unet_input_blocks_", "lora_unet_output_blocks_",
+                                 "lora_unet_middle_block_")) for n in unknown)
+    if xl_names and not sdxl.is_sdxl_unet(unet):
+        return "its layer names are SDXL's; use model=sdxl with an SDXL base model"
+    if sdxl.is_sdxl_unet(unet) and any(n.startswith(("lora_unet_down_blocks_", "lora_unet_up_blocks_", "lora_te_"))
+                                       for n in unknown):
+        return "its layer names are SD 1.x / 2.x's; this base model is SDXL"
+    return "is it made for another architecture (SDXL, SD 2 vs 1.5)?"
+
+
 def unload(unet, text_encoder, adapter: str = EVAL_ADAPTER) -> None:
     """Remove one adapter; a training adapter left behind becomes active again."""
-    for module in (unet, text_encoder):
+    for module in _modules(unet, text_encoder):
         _delete_adapter(module, adapter)
         if any(True for _ in _lora_layers(module, ADAPTER)):
             _activate(module, ADAPTER)
@@ -366,7 +426,7 @@ def set_strength(unet, text_encoder, strength: float, adapter: str = EVAL_ADAPTE
     """Scale every LoRA layer (attention, conv, text encoder) to exactly ``strength`` x alpha / rank."""
     from peft.tuners.lora import LoraLayer
 
-    for module in (unet, text_encoder):
+    for module in _modules(unet, text_encoder):
         for layer in module.modules():  # no names needed: cheaper than named_modules
             if isinstance(layer, LoraLayer) and adapter in layer.lora_A:
                 layer.set_scale(adapter, float(strength))
@@ -380,7 +440,7 @@ def eval_adapter(index: int) -> str:
 def unload_all(unet, text_encoder) -> None:
     """Remove every rendering adapter (see :func:`eval_adapter`); a training adapter stays."""
     names = set()
-    for module in (unet, text_encoder):
+    for module in _modules(unet, text_encoder):
         names |= {n for n in (getattr(module, "peft_config", None) or {}) if n.startswith(EVAL_ADAPTER)}
     for name in sorted(names, reverse=True):
         unload(unet, text_encoder, adapter=name)
@@ -406,7 +466,7 @@ class SampleStrengths:
     """
 
     def __init__(self, unet, text_encoder, adapters=(EVAL_ADAPTER,)):
-        self.modules = (unet, text_encoder)
+        self.modules = tuple(_modules(unet, text_encoder))
         self.adapters = list(adapters)
         self._values: Dict[str, torch.Tensor] = {}
         self._names: Optional[List[str]] = None  # per sample, when several adapters share a batch

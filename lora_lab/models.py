@@ -17,7 +17,7 @@ from typing import Optional, Tuple
 import torch
 
 from lora_lab.builtin import preset_folder, tiny_folder
-from lora_lab import plugins
+from lora_lab import plugins, sdxl
 from lora_lab.config import BUILTIN_MODELS, ModelConfig
 from lora_lab.errors import ConfigError, ModelError
 from lora_lab.files import file_sha256
@@ -56,6 +56,19 @@ class BaseModel:
     def tokenizer(self):
         return self.pipe.tokenizer
 
+    @property
+    def is_sdxl(self) -> bool:
+        return getattr(self.pipe, "text_encoder_2", None) is not None
+
+    @property
+    def text_encoders(self) -> tuple:
+        """Every text encoder: SD 1.x / 2.x's one, or SDXL's CLIP ViT-L and OpenCLIP ViT-bigG."""
+        return (self.pipe.text_encoder, self.pipe.text_encoder_2) if self.is_sdxl else (self.pipe.text_encoder,)
+
+    @property
+    def tokenizers(self) -> tuple:
+        return (self.pipe.tokenizer, self.pipe.tokenizer_2) if self.is_sdxl else (self.pipe.tokenizer,)
+
 
 def pick_device(name: str) -> torch.device:
     """``auto`` -> CUDA when present, else CPU; an explicit CUDA request without CUDA is an error."""
@@ -90,6 +103,7 @@ def resolve_source(cfg: ModelConfig, cache_dir: Path) -> tuple[str, str]:
                 f"model.pretrained: folder {raw} has no model_index.json; expected a diffusers "
                 "folder (unet/, vae/, text_encoder/, tokenizer/, scheduler/)"
             )
+        _check_folder_arch(cfg, path)
         return "folder", str(path)
     if path.is_file():
         if path.suffix.lower() != ".safetensors":
@@ -97,10 +111,57 @@ def resolve_source(cfg: ModelConfig, cache_dir: Path) -> tuple[str, str]:
                 f"model.pretrained: {raw} is not a .safetensors file; allowed: a hub id, "
                 "a diffusers folder, or a single-file .safetensors checkpoint"
             )
+        _check_file_arch(cfg, path)
         return "single_file", str(path)
     if path.suffix.lower() == ".safetensors" or raw.startswith((".", "/", "~")) or not _HUB_ID.match(raw):
         raise ModelError(f"model.pretrained: {raw} does not exist")
     return "hub", raw
+
+
+def wants_sdxl(cfg: ModelConfig) -> bool:
+    """Whether the chosen ``model`` is SDXL (model=sdxl, preset sdxl, or an SDXL base version)."""
+    return cfg.preset == "sdxl" or cfg.base_version.startswith("sdxl")
+
+
+def _expected(cfg: ModelConfig) -> Optional[str]:
+    if cfg.preset:
+        return sdxl.PRESET_ARCH[cfg.preset]
+    return "sdxl" if wants_sdxl(cfg) else None
+
+
+def _refuse(cfg: ModelConfig, what: str, found: str) -> None:
+    choose = "model=sdxl" if found == "sdxl" else "model=sd21 or model=sd21_base" if found == "sd2" else "model=sd15"
+    raise ModelError(
+        f"model.pretrained: {what} is an {sdxl.ARCH_NAMES[found]} checkpoint, but model={cfg.name} "
+        f"expects {sdxl.ARCH_NAMES[_expected(cfg)]}; use {choose}"
+    )
+
+
+def _check_file_arch(cfg: ModelConfig, path: Path) -> None:
+    """Refuse a single file of another architecture than the chosen model's, naming it."""
+    try:
+        found = sdxl.single_file_arch(path)
+    except (OSError, ValueError, UnicodeDecodeError):
+        raise ModelError(f"model.pretrained: {path} is not a readable .safetensors file") from None
+    expected = _expected(cfg)
+    if found and expected and found != expected:
+        _refuse(cfg, str(path), found)
+
+
+def _check_folder_arch(cfg: ModelConfig, path: Path) -> None:
+    import json
+
+    try:
+        cls = json.loads((path / "model_index.json").read_text(encoding="utf-8")).get("_class_name", "")
+    except (OSError, ValueError):
+        raise ModelError(f"model.pretrained: {path / 'model_index.json'} is not readable JSON") from None
+    found = "sdxl" if "XL" in cls else None
+    expected = _expected(cfg)
+    if found == "sdxl" and expected not in (None, "sdxl"):
+        _refuse(cfg, f"folder {path}", "sdxl")
+    if expected == "sdxl" and "XL" not in cls:
+        raise ModelError(f"model.pretrained: folder {path} holds a {cls or 'pipeline'}, not an SDXL pipeline; "
+                         "use model=sd15, sd21 or sd21_base for it")
 
 
 def load_base(cfg: ModelConfig, cache_dir: Path, device: torch.device,
@@ -110,16 +171,21 @@ def load_base(cfg: ModelConfig, cache_dir: Path, device: torch.device,
     Raises:
         ModelError: with the source and the reason, when loading fails.
     """
-    from diffusers import DDPMScheduler, StableDiffusionPipeline
+    from diffusers import DDPMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
 
     kind, location = resolve_source(cfg, Path(cache_dir))
-    common = dict(dtype=dtype, safety_checker=None, requires_safety_checker=False)
+    if wants_sdxl(cfg):
+        pipeline, common = StableDiffusionXLPipeline, dict(dtype=dtype)
+    else:
+        pipeline, common = StableDiffusionPipeline, dict(dtype=dtype, safety_checker=None, requires_safety_checker=False)
     try:
         if kind == "single_file":
             config = _single_file_config(cfg, Path(cache_dir))
-            pipe = StableDiffusionPipeline.from_single_file(location, config=str(config), **common)
+            pipe = pipeline.from_single_file(location, config=str(config), **common)
         else:
-            pipe = StableDiffusionPipeline.from_pretrained(location, use_safetensors=True, **common)
+            pipe = pipeline.from_pretrained(location, use_safetensors=True, **common)
+        if cfg.vae:
+            pipe.vae = load_vae(cfg, Path(cache_dir), dtype)
     except (OSError, ValueError, EnvironmentError) as exc:
         hint = ""
         if kind == "hub":
@@ -128,9 +194,10 @@ def load_base(cfg: ModelConfig, cache_dir: Path, device: torch.device,
         raise ModelError(f"model.pretrained: could not load {location}{hint}: {_first_line(exc)}") from None
     pipe.set_progress_bar_config(disable=True)
     pipe.to(device)
-    for module in (pipe.unet, pipe.vae, pipe.text_encoder):
-        module.requires_grad_(False)
-        module.eval()
+    for module in (pipe.unet, pipe.vae, pipe.text_encoder, getattr(pipe, "text_encoder_2", None)):
+        if module is not None:
+            module.requires_grad_(False)
+            module.eval()
     scheduler_config = dict(pipe.scheduler.config)
     if cfg.prediction_type:
         scheduler_config["prediction_type"] = cfg.prediction_type
@@ -147,6 +214,29 @@ def load_base(cfg: ModelConfig, cache_dir: Path, device: torch.device,
     )
 
 
+def load_vae(cfg: ModelConfig, cache_dir: Path, dtype: torch.dtype):
+    """``model.vae``: a diffusers VAE folder, a hub id, or a single ``.safetensors`` file (read
+    with the chosen architecture's VAE config). Pickle files are refused."""
+    from diffusers import AutoencoderKL
+
+    raw = cfg.vae
+    path = Path(raw).expanduser()
+    if path.suffix.lower() in PICKLE_SUFFIXES:
+        raise ModelError(f"model.vae: {raw} is a pickle file ({path.suffix}); only .safetensors VAE files are loaded")
+    if path.is_dir():
+        if not (path / "config.json").exists():
+            raise ModelError(f"model.vae: folder {raw} has no config.json; expected a diffusers VAE folder")
+        return AutoencoderKL.from_pretrained(path, torch_dtype=dtype, use_safetensors=True)
+    if path.is_file():
+        if path.suffix.lower() != ".safetensors":
+            raise ModelError(f"model.vae: {raw} is not a .safetensors file")
+        config = _single_file_config(cfg, cache_dir) / "vae"
+        return AutoencoderKL.from_single_file(str(path), config=str(config), torch_dtype=dtype)
+    if path.suffix.lower() == ".safetensors" or raw.startswith((".", "/", "~")) or not _HUB_ID.match(raw):
+        raise ModelError(f"model.vae: {raw} does not exist")
+    return AutoencoderKL.from_pretrained(raw, torch_dtype=dtype, use_safetensors=True)
+
+
 def _single_file_config(cfg: ModelConfig, cache_dir: Path) -> Path:
     if cfg.config_dir:
         folder = Path(cfg.config_dir).expanduser()
@@ -156,7 +246,7 @@ def _single_file_config(cfg: ModelConfig, cache_dir: Path) -> Path:
     if not cfg.preset:
         raise ModelError(
             "model.preset: a single-file checkpoint needs its architecture; use model=sd15, "
-            "model=sd21 or model=sd21_base (or set model.config_dir to a diffusers config folder)"
+            "model=sd21, model=sd21_base or model=sdxl (or set model.config_dir to a diffusers config folder)"
         )
     return preset_folder(cfg.preset, cache_dir)
 

@@ -249,6 +249,10 @@ def generate(pipe, jobs: Sequence[Job], settings: RenderSettings, strengths=None
         # (their VAEs decode fine in fp16); a CPU renders in fp32.
         half = settings.mixed_precision if device.type == "cuda" else None
         autocast = torch.autocast("cuda", dtype=torch.bfloat16 if half == "bf16" else torch.float16, enabled=bool(half))
+        # SDXL's own VAE overflows in fp16 (its config says force_upcast): the UNet renders in
+        # mixed precision, the VAE decodes in fp32 outside it. An fp16-safe VAE (model.vae) says
+        # force_upcast false and decodes inside.
+        fp32_vae = bool(half) and bool(getattr(pipe.vae.config, "force_upcast", False))
         with _PeakMemory(device) as peak, autocast:
             result = pipe(
                 prompt=[job[0].text for job in chunk],
@@ -259,16 +263,35 @@ def generate(pipe, jobs: Sequence[Job], settings: RenderSettings, strengths=None
                 width=settings.size,
                 generator=[torch.Generator(device=device).manual_seed(job[1]) for job in chunk],
                 clip_skip=settings.clip_skip - 1 if settings.clip_skip > 1 else None,  # diffusers counts skipped layers
-                output_type="pil",
+                output_type="latent" if fp32_vae else "pil",
             )
+            images = decode_fp32(pipe, result.images) if fp32_vae else result.images
         if key not in plan:
             plan[key] = auto_batch_size(peak.bytes, free_memory(device))
             plan["per_image_bytes"] = peak.bytes
-        out.update(zip(chunk, result.images))
+        out.update(zip(chunk, images))
         if on_batch is not None:
             on_batch(len(chunk))
         i += len(chunk)
     return out
+
+
+def text_encoders(pipe) -> tuple:
+    """The pipeline's text encoders: one, or SDXL's two."""
+    second = getattr(pipe, "text_encoder_2", None)
+    return (pipe.text_encoder, second) if second is not None else (pipe.text_encoder,)
+
+
+@torch.no_grad()
+def decode_fp32(pipe, latents: torch.Tensor) -> List[Image.Image]:
+    """Decode latents with the VAE in fp32, outside autocast; NaN stops with the VAE named."""
+    vae = pipe.vae
+    with torch.autocast(latents.device.type, enabled=False):
+        pixels = vae.decode(latents.to(torch.float32) / vae.config.scaling_factor).sample
+    if not torch.isfinite(pixels).all():
+        raise LoraLabError("the VAE decoded NaN even in fp32; the LoRA or the base model is broken "
+                           "(try a lower strength, or check model.vae)")
+    return pipe.image_processor.postprocess(pixels, output_type="pil")
 
 
 def render(pipe, lora_files: Sequence[Tuple[int, Path, Dict[str, torch.Tensor], Dict[str, str]]],
@@ -301,7 +324,7 @@ def render(pipe, lora_files: Sequence[Tuple[int, Path, Dict[str, torch.Tensor], 
     if settings.batch_size:
         plan[_plan_key(settings, pipe.unet)] = settings.batch_size
     pipe.scheduler = make_scheduler(settings.sampler, dict(pipe.scheduler.config))
-    unet, text_encoder = pipe.unet, pipe.text_encoder
+    unet, text_encoder = pipe.unet, text_encoders(pipe)
     lora_strengths = [float(s) for s in strengths if s != 0]
     total = len(prompts) * (1 + len(lora_files) * len(lora_strengths)) * len(settings.seeds)
     bar = tqdm(total=total, desc="rendering", unit="img", disable=not progress, mininterval=1.0)

@@ -13,7 +13,6 @@ import random
 import shutil
 import time
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
@@ -21,14 +20,12 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from lora_lab import cache, lora_io
+from lora_lab import cache, lora_io, sdxl, train_meta
 from lora_lab.config import ADAPTIVE_OPTIMIZERS, Config, TrainConfig, to_yaml
-from lora_lab.data import Dataset, batches, epoch_order, load_dataset, shuffle_caption
+from lora_lab.data import Dataset, batches, crop_box, epoch_order, load_dataset, shuffle_caption
 from lora_lab.errors import LoraLabError, TrainingError
 from lora_lab.models import BaseModel, load_base, module_fingerprint, pick_device
 from lora_lab.validation import ValidationLoss
-from lora_lab.files import file_sha256, legacy_file_hash
-from lora_lab.versions import versions
 
 log = logging.getLogger(__name__)
 
@@ -124,133 +121,6 @@ def _snr_weights(noise_scheduler, timesteps: torch.Tensor, gamma: float, predict
     return clipped / (snr + 1) if prediction == "v_prediction" else clipped / snr
 
 
-def _metadata(config: Config, base: BaseModel, dataset: Dataset, *, epoch: int, steps: int,
-              max_steps: int, started: str, finished: Optional[str], warmup: int,
-              batches_per_epoch: int) -> Dict[str, str]:
-    t = config.train
-    return lora_io.kohya_metadata(
-        ss_network_module="networks.lora",
-        ss_network_dim=t.network_dim,
-        ss_network_alpha=t.network_alpha,
-        ss_network_args={"conv_dim": t.conv_dim, "conv_alpha": t.conv_alpha} if t.conv_dim else None,
-        ss_learning_rate=t.learning_rate,
-        ss_unet_lr=t.effective_unet_lr,
-        ss_text_encoder_lr=t.text_encoder_lr or 0,
-        ss_network_train_unet_only=not t.trains_text_encoder,
-        ss_lr_scheduler=t.lr_scheduler,
-        ss_lr_warmup_steps=warmup,
-        ss_optimizer=t.optimizer + (f"({t.optimizer_args})" if t.optimizer_args else ""),
-        ss_epoch=epoch,
-        ss_steps=steps,
-        ss_max_train_steps=max_steps,
-        ss_num_epochs=t.epochs,
-        ss_num_train_images=sum(s.repeats for s in dataset.train),
-        ss_num_reg_images=len(dataset.reg),
-        ss_batch_size_per_device=t.batch_size,
-        ss_gradient_accumulation_steps=t.gradient_accumulation,
-        ss_resolution=f"({config.resolution}, {config.resolution})",
-        ss_seed=t.seed,
-        ss_mixed_precision=t.mixed_precision,
-        ss_clip_skip=t.clip_skip,
-        ss_noise_offset=t.noise_offset,
-        ss_min_snr_gamma=t.min_snr_gamma,
-        ss_prior_loss_weight=config.data.prior_loss_weight,
-        **checkpoint_fields(base.source),
-        ss_base_model_version=base.base_version,
-        ss_num_batches_per_epoch=batches_per_epoch,
-        ss_cache_latents=t.cache_latents,
-        ss_max_grad_norm=t.max_grad_norm,
-        ss_datasets=[_dataset_metadata(config, dataset)],
-        ss_v2=base.base_version.startswith("sd_v2"),
-        ss_v_parameterization=base.prediction_type == "v_prediction",
-        ss_output_name=t.output_name,
-        ss_training_started_at=started,
-        ss_training_finished_at=finished,
-        ss_tag_frequency=dataset.tag_frequency(),
-        ss_dataset_dirs={Path(f).name: {"n_repeats": _repeats(dataset, f), "img_count": _count(dataset, f)}
-                         for f in dataset.folders},
-        ss_caption_extension=config.data.caption_extension,
-        # What the images were trained with (a dataset_config.toml sets these per subset).
-        ss_shuffle_caption=any(s.shuffle_caption for s in dataset.train),
-        ss_keep_tokens=max((s.keep_tokens for s in dataset.train if s.shuffle_caption), default=0),
-        **modelspec(config, base, started),
-        # kohya records its own commit in ss_sd_scripts_commit_hash; ours, with the libraries
-        # whose behaviour shapes the file, as JSON beside it.
-        lora_lab_versions=versions(),
-    )
-
-
-def checkpoint_fields(source: str) -> Dict[str, str]:
-    """kohya's ``ss_sd_model_name`` (the checkpoint's file or folder name, or the hub id) and,
-    for a single file, ``ss_sd_model_hash`` (A1111's old 8-hex hash) and ``ss_new_sd_model_hash``
-    (sha256 of the file; A1111's "Model hash" is its first 10 characters)."""
-    path = Path(source)
-    if not path.exists():
-        return {"ss_sd_model_name": source}
-    out = {"ss_sd_model_name": path.name}
-    if path.is_file():
-        out.update(ss_sd_model_hash=legacy_file_hash(path), ss_new_sd_model_hash=file_sha256(path))
-    return out
-
-
-def modelspec(config: Config, base: BaseModel, started: str) -> Dict[str, str]:
-    """The Stability AI model-spec keys that UIs and model sites read, as kohya writes them
-    for an SD 1.x / 2.x LoRA."""
-    if base.base_version.startswith("sd_v2"):
-        arch = "stable-diffusion-v2-768-v" if base.prediction_type == "v_prediction" else "stable-diffusion-v2-512"
-    else:
-        arch = "stable-diffusion-v1"
-    out = {
-        "modelspec.sai_model_spec": "1.0.1",
-        "modelspec.architecture": f"{arch}/lora",
-        "modelspec.implementation": "diffusers",
-        "modelspec.title": config.train.output_name,
-        "modelspec.resolution": f"{config.resolution}x{config.resolution}",
-        "modelspec.date": datetime.fromtimestamp(int(float(started))).isoformat(),
-        "modelspec.prediction_type": "v" if base.prediction_type == "v_prediction" else "epsilon",
-        "modelspec.implementation_version": f"lora_lab/{versions().get('lora_lab', 'unknown')}",
-    }
-    if config.train.clip_skip > 1:
-        out["modelspec.encoder_layer"] = str(config.train.clip_skip)
-    if config.data.token:
-        out["modelspec.trigger_phrase"] = config.data.token
-    return out
-
-
-def _dataset_metadata(config: Config, dataset: Dataset) -> dict:
-    """One entry of kohya's ``ss_datasets``: a DreamBooth-style dataset, a subset per folder."""
-    d = config.data
-    subsets = []
-    for folder in dict.fromkeys(dataset.folders + sorted({str(s.path.parent) for s in dataset.reg})):
-        name = Path(folder).name
-        reg = any(str(s.path.parent) == folder for s in dataset.reg)
-        first = next((s for s in dataset.samples if str(s.path.parent) == folder), None)
-        subsets.append({
-            "img_count": _count(dataset, folder), "num_repeats": _repeats(dataset, folder), "color_aug": False,
-            "flip_aug": False, "random_crop": False,
-            "shuffle_caption": bool(first.shuffle_caption if first else d.shuffle_caption),
-            "keep_tokens": first.keep_tokens if first else d.keep_tokens, "image_dir": name,
-            "class_tokens": name.split("_", 1)[1] if "_" in name and name.split("_", 1)[0].isdigit() else None,
-            "is_reg": reg})
-    return {"is_dreambooth": True, "batch_size_per_device": config.train.batch_size,
-            "num_train_images": sum(s.repeats for s in dataset.train), "num_reg_images": len(dataset.reg),
-            "resolution": [config.resolution, config.resolution], "enable_bucket": False, "min_bucket_reso": None,
-            "max_bucket_reso": None, "tag_frequency": dataset.tag_frequency(), "bucket_info": None,
-            "subsets": subsets}
-
-
-def _repeats(dataset: Dataset, folder: str) -> int:
-    return next((s.repeats for s in dataset.samples if str(s.path.parent) == folder), 0)
-
-
-def _count(dataset: Dataset, folder: str) -> int:
-    return sum(1 for s in dataset.samples if str(s.path.parent) == folder)
-
-
-def _now() -> str:
-    return str(datetime.now(timezone.utc).timestamp())
-
-
 def train(config: Config, base: BaseModel, dataset: Dataset, output_dir: Path,
           on_epoch: Optional[EpochCallback] = None, cache_dir: Optional[Path] = None) -> TrainResult:
     """Train one LoRA on an already-loaded base model; the adapter is removed on return.
@@ -277,36 +147,40 @@ def train(config: Config, base: BaseModel, dataset: Dataset, output_dir: Path,
     accelerator = Accelerator(mixed_precision=t.mixed_precision, cpu=device.type == "cpu")
     cache_root = Path(cache_dir or config.cache_dir)
     resolution = config.resolution
-    unet, vae, text_encoder, tokenizer = base.unet, base.vae, base.text_encoder, base.tokenizer
-    if t.clip_skip > text_encoder.config.num_hidden_layers:
-        raise TrainingError(
-            f"train.clip_skip={t.clip_skip} but the text encoder has only "
-            f"{text_encoder.config.num_hidden_layers} layers"
-        )
+    unet, vae, encoders = base.unet, base.vae, base.text_encoders
+    layers = min(e.config.num_hidden_layers for e in encoders)
+    if t.clip_skip > layers - (1 if base.is_sdxl else 0):
+        raise TrainingError(f"train.clip_skip={t.clip_skip} but the text encoder has only {layers} layers")
+    if t.text_encoder_2_lr and not base.is_sdxl:
+        raise TrainingError("train.text_encoder_2_lr is for SDXL's second text encoder; this model has one "
+                            "text encoder (use train.text_encoder_lr)")
 
     entered = time.perf_counter()
     latent_params = cache.cache_latents(dataset.samples, vae, resolution, module_fingerprint(vae), cache_root) \
         if t.cache_latents else None
     validation = ValidationLoss(dataset.validation, cache.cache_latents(
         dataset.validation, vae, resolution, module_fingerprint(vae), cache_root), base,
-        config.data.validation_seed) if dataset.validation else None
+        config.data.validation_seed, resolution) if dataset.validation else None
     online_text = not t.cache_text_embeddings or t.trains_text_encoder or \
         any(s.shuffle_caption for s in dataset.samples)
     text_cache = {} if online_text else cache.cache_text(
-        [s.caption for s in dataset.samples], tokenizer, text_encoder, t.clip_skip,
-        module_fingerprint(text_encoder), cache_root,
+        [s.caption for s in dataset.samples], base.tokenizers, encoders, t.clip_skip,
+        "+".join(module_fingerprint(e) for e in encoders), cache_root,
     )
 
     torch.manual_seed(t.seed)
     random.seed(t.seed)
-    lora_io.detach(unet, text_encoder)
-    params_unet = lora_io.attach(unet, text_encoder, t)
+    lora_io.detach(unet, encoders)
+    lora_io.attach(unet, encoders, t)
     try:
-        te_params = [p for n, p in text_encoder.named_parameters() if p.requires_grad]
-        unet_params = [p for p in params_unet if not any(p is q for q in te_params)]
+        unet_params = [p for p in unet.parameters() if p.requires_grad]
         groups = [{"params": unet_params, "lr": t.effective_unet_lr}]
-        if te_params:
-            groups.append({"params": te_params, "lr": t.text_encoder_lr})
+        te_params = []
+        for index, encoder in enumerate(encoders):  # each text encoder at its own rate (SDXL: two)
+            params = [p for p in encoder.parameters() if p.requires_grad]
+            if params:
+                groups.append({"params": params, "lr": t.text_encoder_lr_of(index)})
+                te_params += params
         if t.gradient_checkpointing:
             unet.enable_gradient_checkpointing()
         optimizer = accelerator.prepare_optimizer(_make_optimizer(t, groups, device))
@@ -322,9 +196,9 @@ def train(config: Config, base: BaseModel, dataset: Dataset, output_dir: Path,
     finally:
         if t.gradient_checkpointing:
             unet.disable_gradient_checkpointing()
-        lora_io.detach(unet, text_encoder)
-        unet.eval()
-        text_encoder.eval()
+        lora_io.detach(unet, encoders)
+        for module in (unet, *encoders):
+            module.eval()
 
 
 def _loop(config, base, dataset, output_dir, on_epoch, accelerator, optimizer, lr_scheduler,
@@ -332,7 +206,7 @@ def _loop(config, base, dataset, output_dir, on_epoch, accelerator, optimizer, l
           Gaussian, SummaryWriter, entered: float, validation=None) -> TrainResult:
     t = config.train
     device = base.device
-    unet, vae, text_encoder, tokenizer = base.unet, base.vae, base.text_encoder, base.tokenizer
+    unet, vae, encoders = base.unet, base.vae, base.text_encoders
     noise_scheduler = base.noise_scheduler
     unet_dtype, vae_dtype = unet.dtype, vae.dtype  # each a walk over every parameter: once, not per step
     scaling = vae.config.scaling_factor
@@ -343,10 +217,10 @@ def _loop(config, base, dataset, output_dir, on_epoch, accelerator, optimizer, l
     lora_dir.mkdir(parents=True, exist_ok=True)
     writer = SummaryWriter(log_dir=str(output_dir / "tb"))
     result = TrainResult(output_dir=output_dir)
-    started = _now()
+    started = train_meta.now()
     unet.train()
-    if t.trains_text_encoder:
-        text_encoder.train()
+    for index, encoder in enumerate(encoders):
+        encoder.train(bool(t.text_encoder_lr_of(index)))
     step = 0
     micro = 0
     try:
@@ -363,6 +237,7 @@ def _loop(config, base, dataset, output_dir, on_epoch, accelerator, optimizer, l
                     with torch.no_grad():
                         pixels = torch.stack([cache.image_tensor(s, config.resolution) for s in batch])
                         params_lat = vae.encode(pixels.to(device, vae_dtype)).latent_dist.parameters.float()
+                    cache.check_latents(params_lat, [s.path for s in batch], vae)
                 latents = (Gaussian(params_lat).sample(generator=generator) - shift) * scaling
                 noise = torch.randn(latents.shape, generator=generator, device=device)
                 if t.noise_offset:
@@ -377,10 +252,18 @@ def _loop(config, base, dataset, output_dir, on_epoch, accelerator, optimizer, l
                 with accelerator.autocast():
                     if online_text:
                         with torch.set_grad_enabled(t.trains_text_encoder):
-                            hidden = cache.encode_text(captions, tokenizer, text_encoder, t.clip_skip)
+                            hidden, pooled = cache.encode(captions, base.tokenizers, encoders, t.clip_skip)
                     else:
-                        hidden = torch.stack([text_cache[c] for c in captions]).to(device)
-                    pred = unet(noisy, timesteps, hidden.to(unet_dtype)).sample
+                        hidden = torch.stack([text_cache[c][0] for c in captions]).to(device)
+                        pooled = torch.stack([text_cache[c][1] for c in captions]).to(device) \
+                            if base.is_sdxl else None
+                    added = None
+                    if base.is_sdxl:  # SDXL's micro-conditioning: each image's size and crop
+                        added = {"text_embeds": pooled.to(unet_dtype), "time_ids": sdxl.time_ids(
+                            [(s.size[1], s.size[0]) for s in batch],
+                            [crop_box(s.size, config.resolution)[1] for s in batch],
+                            (config.resolution, config.resolution), device, unet_dtype)}
+                    pred = unet(noisy, timesteps, hidden.to(unet_dtype), added_cond_kwargs=added).sample
                 if base.prediction_type == "v_prediction":
                     target = noise_scheduler.get_velocity(latents, noise, timesteps)
                 else:
@@ -429,11 +312,11 @@ def _loop(config, base, dataset, output_dir, on_epoch, accelerator, optimizer, l
             if last or epoch % t.save_every_n_epochs == 0:
                 name = t.output_name if last else f"{t.output_name}-{epoch:06d}"
                 path = lora_dir / f"{name}.safetensors"
-                meta = _metadata(config, base, dataset, epoch=epoch, steps=step, max_steps=max_steps,
-                                 started=started, finished=_now() if last else None, warmup=warmup,
+                meta = train_meta.metadata(config, base, dataset, epoch=epoch, steps=step, max_steps=max_steps,
+                                 started=started, finished=train_meta.now() if last else None, warmup=warmup,
                                  batches_per_epoch=per_epoch)
                 lora_io.save_kohya(path, lora_io.kohya_state_dict(
-                    unet, text_encoder if t.trains_text_encoder else None), meta)
+                    unet, encoders if t.trains_text_encoder else None), meta)
                 result.lora_files[epoch] = path
                 writer.flush()
                 callback_start = time.perf_counter()

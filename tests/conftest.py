@@ -73,3 +73,22 @@ def script_study(tmp_path_factory, cache_dir, demo_dir):
                    "data.token='<b>sks</b> woman'", "eval.seeds=[1,2]"])
     sweep.run(cfg)
     return root / "sweeps" / "smoke", root / "reports" / "smoke"
+
+
+@pytest.fixture(scope="session")
+def xl_dir(cache_dir) -> Path:
+    """The tiny SDXL-shaped model as a diffusers folder."""
+    from lora_lab.builtin import tiny_folder
+
+    return tiny_folder(cache_dir, "tiny-sdxl")
+
+
+@pytest.fixture(scope="session")
+def xl_base(cache_dir, xl_dir):
+    import torch
+
+    from lora_lab.config import ModelConfig
+    from lora_lab.models import load_base
+
+    cfg = ModelConfig(name="tiny-sdxl", builtin="tiny-sdxl", base_version="sdxl_base_v1-0")
+    return load_base(cfg, cache_dir, torch.device("cpu"))

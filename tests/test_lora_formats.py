@@ -147,8 +147,8 @@ def test_a_diffusers_file_applies_as_peft_applied_it(base, tmp_path):
     converted, _ = lora_formats.to_kohya(old, {}, "old.safetensors")
     assert set(converted) == {KOHYA[ATTN] + s for s in (".lora_down.weight", ".lora_up.weight", ".alpha")}
     assert float(converted[KOHYA[ATTN] + ".alpha"]) == 4.0  # no metadata: alpha = rank, scale 1
-    with pytest.raises(LoraLabError, match=r"key text_encoder_2\.x\.lora_A\.weight names no UNet or text-encoder"):
-        lora_formats.to_kohya({**old, "text_encoder_2.x.lora_A.weight": torch.ones(4, 8)}, {}, "sdxl.safetensors")
+    with pytest.raises(LoraLabError, match=r"key vae\.x\.lora_A\.weight names no UNet or text-encoder"):
+        lora_formats.to_kohya({**old, "vae.x.lora_A.weight": torch.ones(4, 8)}, {}, "odd.safetensors")
 
 
 def test_checkpoint_folders_of_diffusers_training_are_epochs_in_order(base, tmp_path):

@@ -50,7 +50,7 @@ def test_the_registered_data_set_loads_through_the_users_path(cache_dir):
 
 
 def test_an_unregistered_name_is_refused_with_the_registered_ones():
-    with pytest.raises(ConfigError, match=r"model.builtin: .*'moonworld'.*tiny, bench, sd15-random, toyworld"):
+    with pytest.raises(ConfigError, match=r"model.builtin: .*'moonworld'.*tiny, tiny-sdxl, bench, sd15-random, toyworld"):
         ModelConfig(builtin="moonworld")
     with pytest.raises(ConfigError, match=r"no data is registered as 'moonworld' \(registered: toyworld\)"):
         plugins.provider("data", "moonworld")

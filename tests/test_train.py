@@ -226,7 +226,7 @@ def test_training_without_caches_matches_training_with_them(base, cache_dir, dem
 def test_checkpoint_name_and_hashes_as_kohya_and_a1111_compute_them(tmp_path):
     import hashlib
 
-    from lora_lab.train import checkpoint_fields
+    from lora_lab.train_meta import checkpoint_fields
 
     blob = bytes(range(256)) * 8192  # 2 MiB
     ckpt = tmp_path / "anything-v3.safetensors"
