@@ -1,6 +1,6 @@
 """Content-keyed caches of VAE latents and text embeddings, on disk, shared by every run.
 
-A latent is keyed by (image bytes, resolution, crop rule, VAE weights); a text embedding by
+A latent is keyed by (image bytes, bucket, resized size, crop, mirroring, VAE weights); a text embedding by
 (caption, clip_skip, text-encoder weights, tokenizer). Keys never depend on loop position, so
 a shuffled loader can never pair an image with another one's caption (diffusers #14430).
 """
@@ -17,10 +17,11 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
+from lora_lab.buckets import Placement, Size
 from lora_lab.data import Sample, load_image
 from lora_lab.files import publish_file
 
-CROP_RULE = "short-side-resize+center-crop/v1"
+CROP_RULE = "cover-resize+center-crop/v2"  # the crop itself is in the key (bucket, size, offset)
 
 
 def _key(*parts: object) -> str:
@@ -44,40 +45,49 @@ def atomic_save(tensors: Dict[str, torch.Tensor], path: Path, metadata: Dict[str
             os.unlink(tmp)
 
 
-def image_tensor(sample: Sample, resolution: int) -> torch.Tensor:
-    """The image as a (3, H, W) tensor in [-1, 1], as the VAE expects."""
+def image_tensor(sample: Sample, target, flip: bool = False) -> torch.Tensor:
+    """The image as a (3, H, W) tensor in [-1, 1], as the VAE expects (``target``: a
+    :class:`lora_lab.buckets.Placement` or a square resolution)."""
     import numpy as np
 
-    im = load_image(sample.path, resolution)
+    im = load_image(sample.path, target, flip)
     arr = torch.from_numpy(np.asarray(im, dtype=np.float32).copy()).permute(2, 0, 1)
     return arr / 127.5 - 1.0
 
 
+def _latent_key(sample: Sample, p: Placement, flip: bool, vae_id: str) -> str:
+    return _key(sample.id, p.bucket, p.resized, p.crop, CROP_RULE, flip, vae_id)
+
+
 @torch.no_grad()
-def cache_latents(samples: Iterable[Sample], vae, resolution: int, vae_id: str, root: Path,
-                  batch_size: int = 8) -> Dict[str, torch.Tensor]:
-    """VAE posterior parameters (mean and log-variance, stacked on dim 0) per sample id.
+def cache_latents(samples: Iterable[Sample], vae, placements: Dict[str, Placement], vae_id: str, root: Path,
+                  batch_size: int = 8, flips: bool = False) -> Dict[Tuple[str, bool], torch.Tensor]:
+    """VAE posterior parameters (mean and log-variance, stacked on dim 0) per (sample id,
+    mirrored), keyed on disk by the image's content, its bucket, size and crop, the mirroring
+    and the VAE, so a changed setting never reuses a wrong latent. ``flips``: also the mirrored
+    image of every sample whose subset has flip_aug.
 
     Training draws a fresh latent from the posterior each step, as diffusers' scripts do.
     """
     unique = {s.id: s for s in samples}
-    out: Dict[str, torch.Tensor] = {}
-    todo: List[Sample] = []
+    out: Dict[Tuple[str, bool], torch.Tensor] = {}
+    todo: Dict[Size, List[Tuple[Sample, bool]]] = {}
     for sid, s in unique.items():
-        p = _path(root, "latents", _key(sid, resolution, CROP_RULE, vae_id))
-        if p.exists():
-            out[sid] = load_file(p)["parameters"]
-        else:
-            todo.append(s)
+        for flip in ((False, True) if flips and s.options.flip_aug else (False,)):
+            p = _path(root, "latents", _latent_key(s, placements[sid], flip, vae_id))
+            if p.exists():
+                out[(sid, flip)] = load_file(p)["parameters"]
+            else:
+                todo.setdefault(placements[sid].bucket, []).append((s, flip))
     device, dtype = vae.device, vae.dtype
-    for i in tqdm(range(0, len(todo), batch_size), desc="caching latents", disable=not todo, leave=False):
-        chunk = todo[i : i + batch_size]
-        pixels = torch.stack([image_tensor(s, resolution) for s in chunk]).to(device, dtype)
+    chunks = [items[i : i + batch_size] for items in todo.values() for i in range(0, len(items), batch_size)]
+    for chunk in tqdm(chunks, desc="caching latents", disable=not chunks, leave=False):
+        pixels = torch.stack([image_tensor(s, placements[s.id], flip) for s, flip in chunk]).to(device, dtype)
         params = vae.encode(pixels).latent_dist.parameters.float().cpu()
-        check_latents(params, [s.path for s in chunk], vae)
-        for s, p in zip(chunk, params):
-            atomic_save({"parameters": p}, _path(root, "latents", _key(s.id, resolution, CROP_RULE, vae_id)))
-            out[s.id] = p
+        check_latents(params, [s.path for s, _ in chunk], vae)
+        for (s, flip), p in zip(chunk, params):
+            atomic_save({"parameters": p}, _path(root, "latents", _latent_key(s, placements[s.id], flip, vae_id)))
+            out[(s.id, flip)] = p
     return out
 
 

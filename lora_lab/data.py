@@ -25,6 +25,7 @@ from typing import Iterable, List, Optional, Tuple
 from PIL import Image, UnidentifiedImageError
 
 from lora_lab import plugins
+from lora_lab.captions import CaptionRule
 from lora_lab.config import DataConfig
 from lora_lab.errors import DataError
 from lora_lab.images import open_rgb
@@ -33,6 +34,27 @@ log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 _KOHYA_DIR = re.compile(r"^(\d+)_(.*)$")
+
+
+@dataclass(frozen=True)
+class SubsetOptions(CaptionRule):
+    """How one subset's images and captions train (kohya's subset keys of the same names): the
+    per-step caption rule, the text around every caption, and mirroring."""
+
+    caption_prefix: str = ""
+    caption_suffix: str = ""
+    flip_aug: bool = False
+
+    @classmethod
+    def from_config(cls, cfg: DataConfig, **overrides) -> "SubsetOptions":
+        values = {f: getattr(cfg, f) for f in cls.__dataclass_fields__}
+        values.update(overrides)
+        return cls(**values)
+
+    def caption(self, text: str) -> str:
+        """The caption as read, with the prefix and suffix (joined with a space, as kohya)."""
+        return " ".join(t for t in (self.caption_prefix, text, self.caption_suffix) if t)
+
 
 
 @dataclass(frozen=True)
@@ -45,10 +67,9 @@ class Sample:
         caption: The caption before any per-step shuffling.
         repeats: How often the image is shown per epoch.
         is_reg: A regularization (prior preservation) image.
-        shuffle_caption: Shuffle comma-separated tags each step.
-        keep_tokens: Tags kept in front when shuffling.
-        size: (width, height) of the upright image (EXIF orientation applied): SDXL's
-            "original size" conditioning.
+        options: Its subset's caption and augmentation options.
+        size: (width, height) of the upright image (EXIF orientation applied): its bucket,
+            and SDXL's "original size" conditioning.
     """
 
     id: str
@@ -56,9 +77,16 @@ class Sample:
     caption: str
     repeats: int
     is_reg: bool = False
-    shuffle_caption: bool = False
-    keep_tokens: int = 0
+    options: SubsetOptions = SubsetOptions()
     size: Tuple[int, int] = (0, 0)
+
+    @property
+    def shuffle_caption(self) -> bool:
+        return self.options.shuffle_caption
+
+    @property
+    def keep_tokens(self) -> int:
+        return self.options.keep_tokens
 
 
 @dataclass
@@ -225,8 +253,7 @@ def _from_kohya_parent(parent: Path, cfg: DataConfig, *, is_reg: bool) -> tuple[
         repeats, class_tokens = int(m.group(1)), m.group(2).strip()
         if repeats < 1:
             raise DataError(f"{key}: folder {sub} has {repeats} repeats; the prefix must be >= 1")
-        samples += _subset(sub, repeats, class_tokens, cfg.caption_extension, is_reg,
-                           cfg.shuffle_caption, cfg.keep_tokens)
+        samples += _subset(sub, repeats, class_tokens, cfg.caption_extension, is_reg, SubsetOptions.from_config(cfg))
         folders.append(str(sub))
     if not samples:
         raise DataError(
@@ -237,7 +264,7 @@ def _from_kohya_parent(parent: Path, cfg: DataConfig, *, is_reg: bool) -> tuple[
 
 
 def _subset(folder: Path, repeats: int, class_tokens: str, caption_ext: str, is_reg: bool,
-            shuffle: bool, keep_tokens: int) -> List[Sample]:
+            options: SubsetOptions) -> List[Sample]:
     images = _images_in(folder)
     if not images:
         raise DataError(f"image folder {folder} is empty (allowed image types: {', '.join(IMAGE_EXTENSIONS)})")
@@ -254,7 +281,7 @@ def _subset(folder: Path, repeats: int, class_tokens: str, caption_ext: str, is_
                 "token to use instead; add the caption file or name the folder '<repeats>_<token>'"
             )
         digest, size = _check_image(image)
-        out.append(Sample(digest, image, caption, repeats, is_reg, shuffle, keep_tokens, size))
+        out.append(Sample(digest, image, options.caption(caption), repeats, is_reg, options, size))
     return out
 
 
@@ -280,8 +307,8 @@ def _from_metadata(folder: Path, cfg: DataConfig) -> List[Sample]:
             raise DataError(f"{meta} line {n}: image {image} does not exist")
         caption = str(row[cfg.caption_column]).strip()
         digest, size = _check_image(image)
-        samples.append(Sample(digest, image, caption, cfg.repeats or 1, False,
-                              cfg.shuffle_caption, cfg.keep_tokens, size))
+        options = SubsetOptions.from_config(cfg)
+        samples.append(Sample(digest, image, options.caption(caption), cfg.repeats or 1, False, options, size))
     if not samples:
         raise DataError(f"{meta} lists no images")
     return samples
@@ -314,11 +341,21 @@ def _from_toml(path: Path, cfg: DataConfig) -> tuple[List[Sample], List[str]]:
             str(opts.get("class_tokens") or "").strip(),
             str(pick(opts, "caption_extension", ".caption")),  # kohya's default for DreamBooth subsets
             bool(opts.get("is_reg", False)),
-            bool(pick(opts, "shuffle_caption", False)),
-            int(pick(opts, "keep_tokens", 0)),
+            _toml_options(opts, pick),
         )
         folders.append(str(image_dir))
     return samples, folders
+
+
+def _toml_options(opts: dict, pick) -> SubsetOptions:
+    """A subset's options from its TOML keys (kohya's None means the default)."""
+    from dataclasses import asdict
+
+    values = {}
+    for name, default in asdict(SubsetOptions()).items():
+        value = pick(opts, name, default)
+        values[name] = default if value is None else type(default)(value)
+    return SubsetOptions(**values)
 
 
 def _read_caption(path: Path) -> str:
@@ -350,29 +387,18 @@ def _check_image(path: Path) -> Tuple[str, Tuple[int, int]]:
     return hashlib.sha256(raw).hexdigest(), (w, h)
 
 
-def crop_box(size: Tuple[int, int], resolution: int) -> Tuple[Tuple[int, int], Tuple[int, int]]:
-    """Where :func:`load_image` takes its square from an image of ``size`` (width, height): the
-    resized (width, height) and the crop's (top, left) in it (SDXL's crop conditioning)."""
-    w, h = size
-    scale = resolution / min(w, h)
-    rw, rh = max(resolution, round(w * scale)), max(resolution, round(h * scale))
-    return (rw, rh), ((rh - resolution) // 2, (rw - resolution) // 2)
+def load_image(path: Path, target, flip: bool = False) -> Image.Image:
+    """The RGB image as it trains: scaled to cover its bucket (``target``: a
+    :class:`lora_lab.buckets.Placement`, or a resolution for a centre-cropped square), cropped
+    to it, and mirrored when ``flip``."""
+    from lora_lab.buckets import BucketSpec, place
 
-
-def load_image(path: Path, resolution: int) -> Image.Image:
-    """RGB image with its short side resized to ``resolution`` and center-cropped square."""
     im = open_rgb(path)
-    (w, h), (top, left) = crop_box(im.size, resolution)
-    im = im.resize((w, h), Image.Resampling.LANCZOS)
-    return im.crop((left, top, left + resolution, top + resolution))
-
-
-def shuffle_caption(caption: str, keep_tokens: int, rng: random.Random) -> str:
-    """kohya's shuffle_caption: shuffle comma-separated tags, the first ``keep_tokens`` fixed."""
-    tags = [t.strip() for t in caption.split(",") if t.strip()]
-    head, tail = tags[:keep_tokens], tags[keep_tokens:]
-    rng.shuffle(tail)
-    return ", ".join(head + tail)
+    p = place(im.size, BucketSpec(int(target))) if isinstance(target, int) else target
+    im = im.resize(p.resized, Image.Resampling.LANCZOS)
+    top, left = p.crop
+    im = im.crop((left, top, left + p.bucket[0], top + p.bucket[1]))
+    return im.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if flip else im
 
 
 def epoch_order(dataset: Dataset, seed: int, epoch: int) -> List[Sample]:

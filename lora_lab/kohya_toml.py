@@ -4,8 +4,12 @@
 defaults for its subsets), ``[[datasets.subsets]]`` subset keys; the nearest level wins. Keys
 lora_lab applies: ``image_dir``, ``num_repeats``, ``class_tokens``, ``is_reg``,
 ``caption_extension`` (kohya's default for DreamBooth subsets: ``.caption``),
-``shuffle_caption``, ``keep_tokens``, ``resolution`` and ``batch_size`` (the run trains at them),
-``prior_loss_weight``. Any other kohya key is accepted at its kohya default (it changes
+``shuffle_caption``, ``keep_tokens``, ``keep_tokens_separator``, ``caption_prefix`` /
+``caption_suffix``, ``caption_dropout_rate``, ``caption_tag_dropout_rate``, ``flip_aug``,
+``resolution`` and ``batch_size`` (the run trains at them), ``prior_loss_weight``, and the
+bucket keys ``enable_bucket``, ``min_bucket_reso``, ``max_bucket_reso``, ``bucket_reso_steps``,
+``bucket_no_upscale`` (left out: kohya's default, no buckets; the sizes left out scale with the
+resolution as lora_lab's do). Any other kohya key is accepted at its kohya default (it changes
 nothing) and refused otherwise with a sentence naming it; a key kohya does not know is refused.
 A value given on the command line (``train.batch_size=4``) or by a sweep wins over the file.
 """
@@ -39,11 +43,13 @@ DATASET_DEFAULTS: Dict[str, Any] = {
     "min_bucket_reso": 256, "max_bucket_reso": 1024, "bucket_reso_steps": 64, "bucket_no_upscale": False,
     "prior_loss_weight": 1.0,
 }
+BUCKET_KEYS = ("enable_bucket", "min_bucket_reso", "max_bucket_reso", "bucket_reso_steps", "bucket_no_upscale")
 APPLIED = {"image_dir", "num_repeats", "class_tokens", "is_reg", "caption_extension", "shuffle_caption",
-           "keep_tokens", "resolution", "batch_size", "prior_loss_weight"}
+           "keep_tokens", "keep_tokens_separator", "caption_prefix", "caption_suffix", "caption_dropout_rate",
+           "caption_tag_dropout_rate", "flip_aug", "resolution", "batch_size", "prior_loss_weight", *BUCKET_KEYS}
 # Where a subset or dataset key sits, and the run setting a dataset key becomes.
 RUN_SETTINGS = {"resolution": "train.resolution", "batch_size": "train.batch_size",
-                "prior_loss_weight": "data.prior_loss_weight"}
+                "prior_loss_weight": "data.prior_loss_weight", **{k: f"data.{k}" for k in BUCKET_KEYS}}
 
 
 def read(path: Path) -> dict:
@@ -99,6 +105,8 @@ def run_settings(path: Path) -> Dict[str, Any]:
     found: Dict[str, Any] = {}
     for where, opts in subsets(path, doc):
         for key, setting in RUN_SETTINGS.items():
+            if key in ("enable_bucket", "bucket_no_upscale"):  # kohya's default when left out: no buckets
+                opts = {key: DATASET_DEFAULTS[key], **opts}
             if key not in opts:
                 continue
             value = opts[key]
@@ -116,8 +124,8 @@ def _square(path: Path, where: str, value) -> int:
         return value
     if isinstance(value, list) and len(value) == 2 and value[0] == value[1]:
         return int(value[0])
-    raise DataError(f"{path}: {where}.resolution = {value!r}: lora_lab trains square images (one number, or "
-                    "[n, n]); aspect-ratio buckets are not built yet")
+    raise DataError(f"{path}: {where}.resolution = {value!r}: lora_lab trains at one square resolution (one "
+                    "number, or [n, n]), the area of its buckets; enable_bucket = true keeps other shapes")
 
 
 def apply(config, explicit: Optional[set] = None):

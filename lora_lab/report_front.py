@@ -156,7 +156,17 @@ def front_page(study_dir: Path, out: Path, winner: Optional[dict], previous: Opt
     by_epoch = [{"trial": t.number, "cells": [t.cell(images, e, at) if e in t.epochs else None for e in epochs]}
                 for t in trials] if at is not None else []
     return {"answer": answer, "strengths": strengths, "by_strength": by_strength, "epochs": epochs,
-            "by_epoch": by_epoch, "at_strength": at}
+            "by_epoch": by_epoch, "at_strength": at, "dataset": dataset(study_dir)}
+
+
+def dataset(study_dir: Path) -> Optional[dict]:
+    """The dataset doctor's findings and the bucket table the sweep started with, if written."""
+    found = _read_json(study_dir / "doctor.json")
+    if found is None:
+        return None
+    for f in found.get("findings", []):
+        f["file"] = Path(f["file"]).name if f.get("file") else ""
+    return found
 
 
 def progress(study_dir: Path, table: pd.DataFrame, study: dict, now: Optional[float] = None) -> dict:

@@ -376,7 +376,7 @@ def _is_duplicate(study, number: int, key: str) -> bool:
     return False
 
 
-def _check_inputs(config: Config) -> None:
+def _check_inputs(config: Config):
     """Everything that can be checked without loading a model: data, prompt suite, model path,
     the sweep's fixed settings on this machine, and each variant's settings."""
     from lora_lab.data import load_dataset
@@ -391,6 +391,7 @@ def _check_inputs(config: Config) -> None:
     device = pick_device(config.device)
     base = trial_config(config, {}, Path(config.sweep.root) / config.sweep.name / "check")
     check_environment(base.train, device)
+    return dataset
 
 
 def _work_in_subprocess(config_yaml: str, study_dir: str, index: int, gpus: int) -> None:
@@ -415,7 +416,7 @@ def run(config: Config) -> "leaderboard.pd.DataFrame":
     config = kohya_toml.apply(config)  # a dataset_config.toml's resolution / batch_size, below the sweep's own
     sweep = config.sweep
     check_keys(config)
-    _check_inputs(config)  # bad input stops here, before any folder or trial exists
+    dataset = _check_inputs(config)  # bad input stops here, before any folder or trial exists
     study_dir = Path(sweep.root) / sweep.name
     created = not study_dir.exists()
     try:
@@ -438,6 +439,11 @@ def run(config: Config) -> "leaderboard.pd.DataFrame":
     atomic_write_text(study_dir / "sweep.yaml", to_yaml(config))
     log.info(f"study {sweep.name}: {sweep.grid_size() if sweep.sampler == 'grid' else sweep.n_trials} trials "
              f"({sweep.sampler}), objective {sweep.objective}, folder {study_dir}")
+    from lora_lab import preflight
+
+    for line in preflight.describe(config, dataset):  # at the sweep's base settings; a trial may differ
+        log.info(line)
+    preflight.doctor(config, dataset, study_dir)
     index = live_report(study_dir, Path(sweep.reports))
     if index is not None:
         log.info(f"report (rewritten after every trial and per-epoch check; reload it): {index}")

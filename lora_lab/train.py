@@ -8,7 +8,6 @@
 from __future__ import annotations
 
 import logging
-import math
 import random
 import shutil
 import time
@@ -20,9 +19,12 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from lora_lab import cache, lora_io, sdxl, train_meta
+from lora_lab import cache, lora_io, preflight, sdxl, train_meta
 from lora_lab.config import ADAPTIVE_OPTIMIZERS, Config, TrainConfig, to_yaml
-from lora_lab.data import Dataset, batches, crop_box, epoch_order, load_dataset, shuffle_caption
+from lora_lab.buckets import bucket_batches
+from lora_lab.preflight import placements, text_encoding, total_steps
+from lora_lab.captions import process as process_caption
+from lora_lab.data import Dataset, epoch_order, load_dataset
 from lora_lab.errors import LoraLabError, TrainingError
 from lora_lab.models import BaseModel, load_base, module_fingerprint, pick_device
 from lora_lab.validation import ValidationLoss
@@ -102,12 +104,6 @@ def _make_optimizer(cfg: TrainConfig, groups: List[dict], device: torch.device) 
         raise TrainingError(f"train.optimizer_args for {cfg.optimizer}: {exc}") from None
 
 
-def total_steps(dataset: Dataset, cfg: TrainConfig) -> tuple[int, int]:
-    """(micro-batches per epoch, optimizer steps in all) as kohya counts them."""
-    per_epoch = math.ceil(dataset.images_per_epoch() / cfg.batch_size)
-    return per_epoch, math.ceil(per_epoch / cfg.gradient_accumulation) * cfg.epochs
-
-
 def _warmup(cfg: TrainConfig, steps: int) -> int:
     return int(cfg.lr_warmup_steps * steps) if cfg.lr_warmup_steps < 1 else int(cfg.lr_warmup_steps)
 
@@ -156,13 +152,14 @@ def train(config: Config, base: BaseModel, dataset: Dataset, output_dir: Path,
                             "text encoder (use train.text_encoder_lr)")
 
     entered = time.perf_counter()
-    latent_params = cache.cache_latents(dataset.samples, vae, resolution, module_fingerprint(vae), cache_root) \
+    where = placements(dataset, config)
+    vae_id = module_fingerprint(vae)
+    latent_params = cache.cache_latents(dataset.samples, vae, where, vae_id, cache_root, flips=True) \
         if t.cache_latents else None
     validation = ValidationLoss(dataset.validation, cache.cache_latents(
-        dataset.validation, vae, resolution, module_fingerprint(vae), cache_root), base,
+        dataset.validation, vae, where, vae_id, cache_root), base,
         config.data.validation_seed, resolution) if dataset.validation else None
-    online_text = not t.cache_text_embeddings or t.trains_text_encoder or \
-        any(s.shuffle_caption for s in dataset.samples)
+    online_text = text_encoding(t, dataset) is not None
     text_cache = {} if online_text else cache.cache_text(
         [s.caption for s in dataset.samples], base.tokenizers, encoders, t.clip_skip,
         "+".join(module_fingerprint(e) for e in encoders), cache_root,
@@ -184,7 +181,7 @@ def train(config: Config, base: BaseModel, dataset: Dataset, output_dir: Path,
         if t.gradient_checkpointing:
             unet.enable_gradient_checkpointing()
         optimizer = accelerator.prepare_optimizer(_make_optimizer(t, groups, device))
-        per_epoch, max_steps = total_steps(dataset, t)
+        per_epoch, max_steps = total_steps(dataset, t, where)
         warmup = _warmup(t, max_steps)
         lr_scheduler = get_scheduler(
             t.lr_scheduler, optimizer, num_warmup_steps=warmup, num_training_steps=max_steps,
@@ -192,7 +189,7 @@ def train(config: Config, base: BaseModel, dataset: Dataset, output_dir: Path,
         )
         return _loop(config, base, dataset, output_dir, on_epoch, accelerator, optimizer, lr_scheduler,
                      latent_params, text_cache, online_text, unet_params + te_params, per_epoch,
-                     max_steps, warmup, DiagonalGaussianDistribution, SummaryWriter, entered, validation)
+                     max_steps, warmup, DiagonalGaussianDistribution, SummaryWriter, entered, validation, where)
     finally:
         if t.gradient_checkpointing:
             unet.disable_gradient_checkpointing()
@@ -203,7 +200,7 @@ def train(config: Config, base: BaseModel, dataset: Dataset, output_dir: Path,
 
 def _loop(config, base, dataset, output_dir, on_epoch, accelerator, optimizer, lr_scheduler,
           latent_params, text_cache, online_text, params, per_epoch, max_steps, warmup,
-          Gaussian, SummaryWriter, entered: float, validation=None) -> TrainResult:
+          Gaussian, SummaryWriter, entered: float, validation=None, where=None) -> TrainResult:
     t = config.train
     device = base.device
     unet, vae, encoders = base.unet, base.vae, base.text_encoders
@@ -213,6 +210,8 @@ def _loop(config, base, dataset, output_dir, on_epoch, accelerator, optimizer, l
     shift = getattr(vae.config, "shift_factor", None) or 0.0
     generator = torch.Generator(device=device).manual_seed(t.seed)
     caption_rng = random.Random(t.seed)
+    flip_rng = random.Random(t.seed + 1)
+    order_rng = random.Random(t.seed + 2)
     lora_dir = output_dir / "lora"
     lora_dir.mkdir(parents=True, exist_ok=True)
     writer = SummaryWriter(log_dir=str(output_dir / "tb"))
@@ -227,15 +226,17 @@ def _loop(config, base, dataset, output_dir, on_epoch, accelerator, optimizer, l
         progress = tqdm(total=max_steps, desc="training", unit="step", dynamic_ncols=True, mininterval=1.0)
         for epoch in range(1, t.epochs + 1):
             epoch_losses: List[float] = []
-            for batch in batches(epoch_order(dataset, t.seed, epoch), t.batch_size):
+            for batch in bucket_batches(epoch_order(dataset, t.seed, epoch), t.batch_size,
+                                        lambda s: where[s.id].bucket, order_rng):
                 if step == 0 and micro == 0:
                     result.setup_s = time.perf_counter() - entered
                     loop_start = time.perf_counter()
+                flips = [s.options.flip_aug and flip_rng.random() < 0.5 for s in batch]
                 if latent_params is not None:
-                    params_lat = torch.stack([latent_params[s.id] for s in batch]).to(device)
+                    params_lat = torch.stack([latent_params[(s.id, f)] for s, f in zip(batch, flips)]).to(device)
                 else:  # no cache: the VAE encodes every image every step
                     with torch.no_grad():
-                        pixels = torch.stack([cache.image_tensor(s, config.resolution) for s in batch])
+                        pixels = torch.stack([cache.image_tensor(s, where[s.id], f) for s, f in zip(batch, flips)])
                         params_lat = vae.encode(pixels.to(device, vae_dtype)).latent_dist.parameters.float()
                     cache.check_latents(params_lat, [s.path for s in batch], vae)
                 latents = (Gaussian(params_lat).sample(generator=generator) - shift) * scaling
@@ -247,8 +248,7 @@ def _loop(config, base, dataset, output_dir, on_epoch, accelerator, optimizer, l
                 timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],),
                                           generator=generator, device=device)
                 noisy = noise_scheduler.add_noise(latents, noise, timesteps)
-                captions = [shuffle_caption(s.caption, s.keep_tokens, caption_rng) if s.shuffle_caption
-                            else s.caption for s in batch]
+                captions = [process_caption(s.caption, s.options, caption_rng) for s in batch]
                 with accelerator.autocast():
                     if online_text:
                         with torch.set_grad_enabled(t.trains_text_encoder):
@@ -259,10 +259,11 @@ def _loop(config, base, dataset, output_dir, on_epoch, accelerator, optimizer, l
                             if base.is_sdxl else None
                     added = None
                     if base.is_sdxl:  # SDXL's micro-conditioning: each image's size and crop
+                        bucket = where[batch[0].id].bucket
                         added = {"text_embeds": pooled.to(unet_dtype), "time_ids": sdxl.time_ids(
                             [(s.size[1], s.size[0]) for s in batch],
-                            [crop_box(s.size, config.resolution)[1] for s in batch],
-                            (config.resolution, config.resolution), device, unet_dtype)}
+                            [where[s.id].crop_for(f) for s, f in zip(batch, flips)],
+                            (bucket[1], bucket[0]), device, unet_dtype)}
                     pred = unet(noisy, timesteps, hidden.to(unet_dtype), added_cond_kwargs=added).sample
                 if base.prediction_type == "v_prediction":
                     target = noise_scheduler.get_velocity(latents, noise, timesteps)
@@ -373,15 +374,9 @@ def run(config: Config) -> TrainResult:
     dataset = load_dataset(config.data, cache_dir)
     out = Path(config.output_dir)
     created = prepare_output_dir(out)
-    per_epoch, steps = total_steps(dataset, config.train)
-    t = config.train
-    log.info(dataset.summary())
-    log.info(
-        f"total steps: {len(dataset.train)} images x repeats = {dataset.images_per_epoch()} per epoch"
-        f" x {t.epochs} epochs / batch {t.batch_size}"
-        + (f" / accumulation {t.gradient_accumulation}" if t.gradient_accumulation > 1 else "")
-        + f" = {steps} steps"
-    )
+    for line in preflight.describe(config, dataset):
+        log.info(line)
+    preflight.doctor(config, dataset, out)
     log.info(f"device: {device}, resolution {config.resolution}, output: {out}")
     try:
         (out / "config.yaml").write_text(to_yaml(config), encoding="utf-8")

@@ -7,13 +7,15 @@ checkpoints of its version) and the model-spec architecture ``stable-diffusion-x
 
 from __future__ import annotations
 
+from dataclasses import asdict
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Dict, Optional
 
 from lora_lab import lora_io
 from lora_lab.config import Config
-from lora_lab.data import Dataset
+from lora_lab.buckets import BucketSpec, table
+from lora_lab.data import Dataset, SubsetOptions
 from lora_lab.files import file_sha256, legacy_file_hash
 from lora_lab.models import BaseModel
 from lora_lab.versions import versions
@@ -68,6 +70,12 @@ def metadata(config: Config, base: BaseModel, dataset: Dataset, *, epoch: int, s
         # What the images were trained with (a dataset_config.toml sets these per subset).
         ss_shuffle_caption=any(s.shuffle_caption for s in dataset.train),
         ss_keep_tokens=max((s.keep_tokens for s in dataset.train if s.shuffle_caption), default=0),
+        ss_flip_aug=any(s.options.flip_aug for s in dataset.train),
+        ss_caption_dropout_rate=max((s.options.caption_dropout_rate for s in dataset.train), default=0.0),
+        ss_caption_tag_dropout_rate=max((s.options.caption_tag_dropout_rate for s in dataset.train), default=0.0),
+        ss_enable_bucket=config.data.enable_bucket,
+        ss_bucket_no_upscale=config.data.bucket_no_upscale,
+        **_bucket_fields(config, dataset),
         **modelspec(config, base, started),
         # kohya records its own commit in ss_sd_scripts_commit_hash; ours, with the libraries
         # whose behaviour shapes the file, as JSON beside it.
@@ -124,16 +132,29 @@ def _dataset_metadata(config: Config, dataset: Dataset) -> dict:
         first = next((s for s in dataset.samples if str(s.path.parent) == folder), None)
         subsets.append({
             "img_count": _count(dataset, folder), "num_repeats": _repeats(dataset, folder), "color_aug": False,
-            "flip_aug": False, "random_crop": False,
-            "shuffle_caption": bool(first.shuffle_caption if first else d.shuffle_caption),
-            "keep_tokens": first.keep_tokens if first else d.keep_tokens, "image_dir": name,
+            "random_crop": False,
+            **{k: v if v != "" else None for k, v in asdict(first.options if first else SubsetOptions.from_config(d)).items()},
+            "image_dir": name,
             "class_tokens": name.split("_", 1)[1] if "_" in name and name.split("_", 1)[0].isdigit() else None,
             "is_reg": reg})
     return {"is_dreambooth": True, "batch_size_per_device": config.train.batch_size,
             "num_train_images": sum(s.repeats for s in dataset.train), "num_reg_images": len(dataset.reg),
-            "resolution": [config.resolution, config.resolution], "enable_bucket": False, "min_bucket_reso": None,
-            "max_bucket_reso": None, "tag_frequency": dataset.tag_frequency(), "bucket_info": None,
+            "resolution": [config.resolution, config.resolution], "enable_bucket": d.enable_bucket,
+            **{k[3:]: v for k, v in _bucket_fields(config, dataset).items() if k != "ss_bucket_info"},
+            "tag_frequency": dataset.tag_frequency(), "bucket_info": _bucket_fields(config, dataset)["ss_bucket_info"],
             "subsets": subsets}
+
+
+def _bucket_fields(config: Config, dataset: Dataset) -> dict:
+    """kohya's bucket keys: the sizes in use and, with buckets on, the bucket table."""
+    spec = BucketSpec.from_config(config.data, config.resolution)
+    if not spec.enabled:
+        return {"ss_min_bucket_reso": None, "ss_max_bucket_reso": None, "ss_bucket_info": None}
+    counts, _ = table([s.size for s in dataset.samples for _ in range(s.repeats)], spec)
+    _, error = table([s.size for s in dataset.samples], spec)
+    info = {"buckets": {str(i): {"resolution": list(reso), "count": n} for i, (reso, n) in enumerate(counts.items())},
+            "mean_img_ar_error": error}
+    return {"ss_min_bucket_reso": spec.min_reso, "ss_max_bucket_reso": spec.max_reso, "ss_bucket_info": info}
 
 
 def _repeats(dataset: Dataset, folder: str) -> int:

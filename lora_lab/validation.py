@@ -13,7 +13,8 @@ import torch
 import torch.nn.functional as F
 
 from lora_lab import cache, sdxl
-from lora_lab.data import Sample, crop_box
+from lora_lab.buckets import BucketSpec, place
+from lora_lab.data import Sample
 
 # Timesteps across the schedule, as fractions of num_train_timesteps (kohya samples a fixed set).
 TIMESTEP_FRACTIONS = (0.1, 0.3, 0.5, 0.7, 0.9)
@@ -32,7 +33,7 @@ class ValidationLoss:
         shift = getattr(vae.config, "shift_factor", None) or 0.0
         latents, noise, timesteps, captions, sizes = [], [], [], [], []
         for s in samples:
-            mean = latent_params[s.id].chunk(2, dim=0)[0]  # the posterior mean: no sampling noise
+            mean = latent_params[(s.id, False)].chunk(2, dim=0)[0]  # the posterior mean: no sampling noise
             for frac in TIMESTEP_FRACTIONS:
                 latents.append((mean - shift) * scaling)
                 noise.append(torch.randn(mean.shape, generator=generator))
@@ -67,7 +68,7 @@ class ValidationLoss:
                 if pooled is not None:
                     sizes = self.sizes[i : i + batch_size]
                     added = {"text_embeds": pooled.to(b.unet.dtype), "time_ids": sdxl.time_ids(
-                        [(h, w) for w, h in sizes], [crop_box(size, res)[1] for size in sizes], (res, res),
+                        [(h, w) for w, h in sizes], [place(size, BucketSpec(res)).crop for size in sizes], (res, res),
                         b.device, b.unet.dtype)}
                 pred = b.unet(self.noisy[i : i + batch_size], self.timesteps[i : i + batch_size],
                               hidden.to(b.unet.dtype), added_cond_kwargs=added).sample

@@ -10,7 +10,8 @@ import pytest
 from PIL import Image
 
 from lora_lab.config import DataConfig
-from lora_lab.data import epoch_order, load_dataset, load_image, shuffle_caption
+from lora_lab.captions import shuffle_caption
+from lora_lab.data import epoch_order, load_dataset, load_image
 from lora_lab.errors import DataError
 
 
@@ -202,15 +203,17 @@ def test_a_kohya_toml_trains_as_kohya_would(tmp_path, cache_dir):
         "the wrong caption"
     toml.write_text('[[datasets]]\n[[datasets.subsets]]\nimage_dir = "imgs"\nflip_aug = true\n')
     compose([f"data.path={toml}"])
-    with pytest.raises(DataError, match=r"datasets\[0\]\.subsets\[0\]\.flip_aug = True: lora_lab does not apply "
-                                        r"flip_aug yet \(kohya's default: False\)"):
+    assert load_dataset(DataConfig(path=str(toml)), tmp_path).samples[0].options.flip_aug
+    toml.write_text('[[datasets]]\n[[datasets.subsets]]\nimage_dir = "imgs"\ncolor_aug = true\n')
+    with pytest.raises(DataError, match=r"datasets\[0\]\.subsets\[0\]\.color_aug = True: lora_lab does not apply "
+                                        r"color_aug yet \(kohya's default: False\)"):
         load_dataset(DataConfig(path=str(toml)), tmp_path)
     toml.write_text('[[datasets]]\nresolutoin = 512\n[[datasets.subsets]]\nimage_dir = "imgs"\n')
     with pytest.raises(DataError, match=r"datasets\[0\]\.resolutoin is not a key of kohya's dataset config; "
                                         r"allowed here: .*resolution"):
         load_dataset(DataConfig(path=str(toml)), tmp_path)
     toml.write_text('[[datasets]]\nresolution = [512, 768]\n[[datasets.subsets]]\nimage_dir = "imgs"\n')
-    with pytest.raises(DataError, match=r"resolution = \[512, 768\]: lora_lab trains square images"):
+    with pytest.raises(DataError, match=r"resolution = \[512, 768\]: lora_lab trains at one square resolution"):
         kohya_toml.run_settings(toml)
 
 

@@ -52,6 +52,10 @@ def test_user_text_is_escaped(script_study):
     assert "<b>sks</b>" not in page and "&lt;b&gt;sks&lt;/b&gt; woman" in page  # the token, in prompts
     index = (report / "index.html").read_text(encoding="utf-8")
     assert index.count("<script>") == 1  # only the report's own sorting script
+    # The dataset doctor's findings quote captions: as text too.
+    assert 'id="dataset"' in index and 'id="doctor"' in index
+    assert "caption lacks the trigger token &#39;&lt;b&gt;sks&lt;/b&gt; woman&#39;" in index
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in index
 
 
 def test_failed_trial_page_shows_its_error(script_study, tmp_path):

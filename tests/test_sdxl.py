@@ -19,7 +19,8 @@ from safetensors.torch import load_file, save_file
 from conftest import make_config
 from lora_lab import cache, lora_io
 from lora_lab.config import ModelConfig, TrainConfig
-from lora_lab.data import crop_box, load_dataset
+from lora_lab.buckets import BucketSpec, place
+from lora_lab.data import load_dataset
 from lora_lab.errors import LoraLabError, ModelError, TrainingError
 from lora_lab.models import load_base
 from lora_lab.train import train
@@ -188,12 +189,14 @@ def xl_trained(xl_base, cache_dir, tmp_path_factory):
     return result, seen
 
 
-def test_training_conditions_on_each_images_size_and_crop(xl_trained):
+def test_training_conditions_on_each_images_size_crop_and_bucket(xl_trained):
     _, seen = xl_trained
     rows = {tuple(int(v) for v in row) for ids in seen for row in ids}
-    # (original height, width, crop top, left, target height, width) at resolution 32
-    assert rows == {(96, 48, 16, 0, 32, 32), (48, 96, 0, 16, 32, 32), (64, 64, 0, 0, 32, 32), (80, 40, 16, 0, 32, 32)}
-    assert crop_box((48, 96), 32) == ((32, 64), (16, 0))
+    # (original height, width, crop top, left, target height, width) at resolution 32, in buckets
+    # of 8-px steps: a 1:2 portrait goes to the 24x40 bucket (scaled to 24x48, 4 px cut top and
+    # bottom), a 2:1 landscape to 40x24, a square to 32x32.
+    assert rows == {(96, 48, 4, 0, 40, 24), (48, 96, 0, 4, 24, 40), (64, 64, 0, 0, 32, 32), (80, 40, 4, 0, 40, 24)}
+    assert place((48, 96), BucketSpec(32)).crop == (16, 0) and place((48, 96), BucketSpec(32)).resized == (32, 64)
 
 
 def test_trained_file_has_sdxl_keys_and_metadata(xl_trained):
@@ -258,7 +261,7 @@ def test_sdxl_sweep_and_evaluating_a_kohya_sdxl_file_from_the_command_line(xl_di
     cells = sorted((tmp_path / "ev" / "cells").rglob("*.png"))
     assert cells
     info = Image.open(cells[-1]).text["parameters"]
-    assert "Size: 64x64" in info and "Model: tiny_sdxl" in info  # the model's own size by default
+    assert "Size: 64x64" in info and "Model: tiny-sdxl-v1" in info  # the model's own size by default
     assert (tmp_path / "ev" / "verdict.json").exists()
 
 

@@ -62,7 +62,13 @@ def test_epoch_files_metadata_and_tensorboard(base, cache_dir, demo_dir, tmp_pat
     assert ds["is_dreambooth"] is True and ds["num_train_images"] == 12 and ds["resolution"] == [32, 32]
     assert ds["subsets"] == [{"img_count": 12, "num_repeats": 1, "color_aug": False, "flip_aug": False,
                               "random_crop": False, "shuffle_caption": False, "keep_tokens": 0,
+                              "keep_tokens_separator": None, "caption_dropout_rate": 0.0,
+                              "caption_tag_dropout_rate": 0.0, "caption_prefix": None, "caption_suffix": None,
                               "image_dir": "10_sks woman", "class_tokens": "sks woman", "is_reg": False}]
+    # the demo's square photos, in buckets: one square bucket, as kohya's bucket_info writes it
+    assert ds["enable_bucket"] is True and ds["min_bucket_reso"] == 16 and ds["max_bucket_reso"] == 64
+    assert ds["bucket_info"] == {"buckets": {"0": {"resolution": [32, 32], "count": 12}}, "mean_img_ar_error": 0.0}
+    assert meta["ss_enable_bucket"] == "True" and meta["ss_flip_aug"] == "False"
     assert meta["modelspec.architecture"] == "stable-diffusion-v1/lora"
     assert meta["modelspec.sai_model_spec"] == "1.0.1" and meta["modelspec.implementation"] == "diffusers"
     assert meta["modelspec.title"] == "last" and meta["modelspec.resolution"] == "32x32"
@@ -170,18 +176,38 @@ def test_missing_optimizer_package_is_named(monkeypatch):
         check_environment(TrainConfig(optimizer="prodigy", learning_rate=1.0), torch.device("cpu"))
 
 
-def test_latent_cache_is_keyed_by_content(base, cache_dir, demo_dir, tmp_path):
+def test_latent_cache_is_keyed_by_content_bucket_and_mirroring(base, cache_dir, demo_dir, tmp_path):
+    from dataclasses import replace
+
+    from lora_lab.buckets import BucketSpec, place
     from lora_lab.cache import cache_latents
     from lora_lab.models import module_fingerprint
 
     ds = load_dataset(make_config(cache_dir, tmp_path).data, cache_dir)
     root = tmp_path / "c"
     fp = module_fingerprint(base.vae)
-    first = cache_latents(ds.samples, base.vae, 32, fp, root)
-    backwards = cache_latents(list(reversed(ds.samples)), base.vae, 32, fp, root)
+    square = {s.id: place(s.size, BucketSpec(32)) for s in ds.samples}
+    first = cache_latents(ds.samples, base.vae, square, fp, root)
+    backwards = cache_latents(list(reversed(ds.samples)), base.vae, square, fp, root)
     assert len(list(root.rglob("*.safetensors"))) == 12
     assert all(torch.equal(first[k], backwards[k]) for k in first)
-    assert not torch.equal(first[ds.samples[0].id], first[ds.samples[1].id])
+    assert not torch.equal(first[(ds.samples[0].id, False)], first[(ds.samples[1].id, False)])
+    # Another crop (here a smaller square) is another latent, never the cached one.
+    small = cache_latents(ds.samples, base.vae, {s.id: place(s.size, BucketSpec(24)) for s in ds.samples}, fp, root)
+    assert len(list(root.rglob("*.safetensors"))) == 24
+    assert small[(ds.samples[0].id, False)].shape[-1] == 6 and first[(ds.samples[0].id, False)].shape[-1] == 8
+    # flip_aug caches the mirrored image beside the upright one.
+    mirrored = [replace(s, options=replace(s.options, flip_aug=True)) for s in ds.samples[:2]]
+    both = cache_latents(mirrored, base.vae, square, fp, root, flips=True)
+    assert len(list(root.rglob("*.safetensors"))) == 26
+    sid = ds.samples[0].id
+    assert torch.equal(both[(sid, False)], first[(sid, False)])
+    assert not torch.allclose(both[(sid, True)], both[(sid, False)], atol=1e-3)
+    from lora_lab.cache import image_tensor
+
+    with torch.no_grad():  # it is the mirrored picture's latent
+        expected = base.vae.encode(image_tensor(mirrored[0], square[sid], flip=True)[None]).latent_dist.parameters[0]
+    torch.testing.assert_close(both[(sid, True)], expected, atol=1e-5, rtol=1e-4)
 
 
 def _cli(*args, cwd):
@@ -194,7 +220,7 @@ def test_cli_trains_and_reports(cache_dir, tmp_path):
     proc = _cli("model=tiny", "data=demo", "train.epochs=1", "train.resolution=32",
                 "data.repeats=1", f"output_dir={out}", f"cache_dir={cache_dir}", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "total steps: 12 images x repeats = 12 per epoch x 1 epochs / batch 2 = 6 steps" in proc.stdout
+    assert "kohya steps: 12 images x 1 repeats x 1 epochs / batch 2 = 6 steps" in proc.stdout
     assert (out / "lora" / "last.safetensors").exists() and (out / "config.yaml").exists()
     assert list((out / "tb").glob("events.out.tfevents.*"))
 

@@ -1,0 +1,112 @@
+"""What a run tells its user before any model loads: the dataset, the bucket table (as kohya
+prints it), the step count, whether captions are encoded once or every step, and the dataset
+doctor's findings. Also the per-image placements and the step count training itself uses.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+from typing import Dict, List, Optional
+
+from lora_lab.buckets import BucketSpec, Placement, batches_per_epoch, describe_table, place, table
+from lora_lab.config import Config, TrainConfig
+from lora_lab.data import Dataset, epoch_order
+
+log = logging.getLogger(__name__)
+SHOWN_PER_KIND = 3  # doctor findings printed per kind before "... and N more"
+
+
+def placements(dataset: Dataset, config: Config) -> Dict[str, Placement]:
+    """Each image's bucket, size and crop at the run's resolution and bucket settings (the
+    held-out validation images: a centre-cropped square, so their loss stacks in one batch)."""
+    spec = BucketSpec.from_config(config.data, config.resolution)
+    out = {s.id: place(s.size, spec) for s in dataset.samples}
+    out.update({s.id: place(s.size, BucketSpec(config.resolution)) for s in dataset.validation})
+    return out
+
+
+def total_steps(dataset: Dataset, cfg: TrainConfig, where: Optional[Dict[str, Placement]] = None) -> tuple[int, int]:
+    """(micro-batches per epoch, optimizer steps in all) as kohya counts them: batches are
+    drawn within a bucket, so each bucket's last batch may be short."""
+    if where is None:
+        per_epoch = math.ceil(dataset.images_per_epoch() / cfg.batch_size)
+    else:
+        per_epoch = batches_per_epoch(epoch_order(dataset, cfg.seed, 1), cfg.batch_size, lambda s: where[s.id].bucket)
+    return per_epoch, math.ceil(per_epoch / cfg.gradient_accumulation) * cfg.epochs
+
+
+def steps_line(dataset: Dataset, config: Config) -> str:
+    """kohya's step count in words: images x repeats x epochs / batch (/ accumulation) = steps."""
+    t = config.train
+    _, steps = total_steps(dataset, t, placements(dataset, config))
+    repeats = sorted({s.repeats for s in dataset.train})
+    each = f"{repeats[0]} repeats" if len(repeats) == 1 else f"{dataset.images_per_epoch()} with repeats"
+    return (f"kohya steps: {len(dataset.train)} images x {each} x {t.epochs} epochs / batch {t.batch_size}"
+            + (f" / accumulation {t.gradient_accumulation}" if t.gradient_accumulation > 1 else "")
+            + f" = {steps} steps")
+
+
+def text_encoding(t: TrainConfig, dataset: Dataset) -> Optional[str]:
+    """Why captions are encoded every step instead of once (None: the text cache is used)."""
+    if t.trains_text_encoder:
+        return "the text encoder trains"
+    if not t.cache_text_embeddings:
+        return "train.cache_text_embeddings=false"
+    varying = [s for s in dataset.samples if s.options.varies]
+    if varying:
+        return ("captions change from step to step (shuffle_caption, caption_dropout_rate or "
+                "caption_tag_dropout_rate)")
+    return None
+
+
+def describe(config: Config, dataset: Dataset) -> List[str]:
+    """The lines printed before training: dataset, buckets, steps, text encoding."""
+    t = config.train
+    spec = BucketSpec.from_config(config.data, config.resolution)
+    lines = dataset.summary().splitlines() + [spec.describe()]
+    if spec.enabled:  # counts with repeats, the aspect-ratio error per image, as kohya prints them
+        counts, _ = table([s.size for s in dataset.samples for _ in range(s.repeats)], spec)
+        _, error = table([s.size for s in dataset.samples], spec)
+        lines += describe_table(counts, error)
+    lines.append(steps_line(dataset, config))
+    why = text_encoding(t, dataset)
+    lines.append(f"captions encoded every step: {why}" if why else "captions encoded once (text cache)")
+    return lines
+
+
+def doctor(config: Config, dataset: Dataset, folder=None) -> Optional[dict]:
+    """Run the dataset doctor (``data.doctor``), log its findings (a few per kind) and write
+    ``doctor.json`` into ``folder`` for the report; never stops the run."""
+    if not config.data.doctor:
+        return None
+    import json
+
+    from lora_lab import doctor as dr
+
+    report = dr.for_run(config, dataset)
+    shown: Dict[str, int] = {}
+    lines = [f"dataset doctor: {report.counts}"]
+    for f in report.findings:
+        shown[f.kind] = shown.get(f.kind, 0) + 1
+        if shown[f.kind] <= SHOWN_PER_KIND:
+            lines.append(f"  {f.file.rsplit('/', 1)[-1] or 'the set'}: {f.message}")
+    hidden = sum(max(0, n - SHOWN_PER_KIND) for n in shown.values())
+    if hidden:
+        where = config.data.path or (str(Path(dataset.folders[0]).parent) if dataset.folders else "<data folder>")
+        lines.append(f"  ... and {hidden} more: python -m lora_lab.doctor {where} lists every one")
+    lines += [f"  note: {n}" for n in report.notes]
+    (log.warning if report.findings else log.info)(lines[0])
+    for line in lines[1:]:
+        log.info(line)
+    data = report.to_json()
+    spec = BucketSpec.from_config(config.data, config.resolution)
+    if spec.enabled:
+        counts, _ = table([s.size for s in dataset.samples for _ in range(s.repeats)], spec)
+        data["buckets"] = [{"resolution": list(reso), "count": n} for reso, n in counts.items()]
+    if folder is not None:
+        from lora_lab.files import atomic_write_text
+
+        atomic_write_text(folder / "doctor.json", json.dumps(data, indent=2) + "\n")
+    return data
