@@ -159,3 +159,33 @@ def test_mixed_photos_train_in_buckets_with_the_table_and_doctor_first(tmp_path,
     (ds,) = json.loads(meta["ss_datasets"])
     assert ds["enable_bucket"] is True and ds["subsets"][0]["flip_aug"] is True
     assert json.loads((out / "doctor.json").read_text())["images"] == 5
+
+
+def test_a_toml_with_bucket_and_caption_keys_trains_as_kohya_would(tmp_path, cache_dir):
+    from lora_lab import kohya_toml
+    from lora_lab.cli import compose
+    from lora_lab.preflight import text_encoding
+
+    _mixed_folder(tmp_path)
+    toml = tmp_path / "ds.toml"
+    toml.write_text('[general]\nenable_bucket = true\nbucket_reso_steps = 8\nmin_bucket_reso = 16\nmax_bucket_reso = 64\n'
+                    'bucket_no_upscale = true\n[[datasets]]\nresolution = 32\n[[datasets.subsets]]\n'
+                    'image_dir = "data/2_sks"\ncaption_extension = ".txt"\nflip_aug = true\ncaption_prefix = "photo,"\n'
+                    'caption_tag_dropout_rate = 0.1\nkeep_tokens_separator = "|||"\n', encoding="utf-8")
+    cfg = kohya_toml.apply(compose([f"data.path={toml}", f"cache_dir={cache_dir}", "model=tiny"]))
+    d = cfg.data
+    assert (d.enable_bucket, d.bucket_reso_steps, d.min_bucket_reso, d.max_bucket_reso, d.bucket_no_upscale) == \
+        (True, 8, 16, 64, True) and cfg.resolution == 32
+    ds = load_dataset(d, cache_dir)
+    s = next(s for s in ds.samples if s.path.name == "phone.jpg")
+    assert s.options.flip_aug and s.options.caption_tag_dropout_rate == 0.1 and s.options.keep_tokens_separator == "|||"
+    assert s.caption == "photo, sks, photo 0, detail 0"
+    assert text_encoding(cfg.train, ds).startswith("captions change from step to step")
+    # Left out, enable_bucket means kohya's default: no buckets.
+    toml.write_text('[[datasets]]\n[[datasets.subsets]]\nimage_dir = "data/2_sks"\ncaption_extension = ".txt"\n',
+                    encoding="utf-8")
+    cfg = kohya_toml.apply(compose([f"data.path={toml}", f"cache_dir={cache_dir}", "model=tiny"]))
+    assert cfg.data.enable_bucket is False
+    assert text_encoding(cfg.train, load_dataset(cfg.data, cache_dir)) is None  # fixed captions: the text cache
+    cfg = kohya_toml.apply(compose([f"data.path={toml}", f"cache_dir={cache_dir}", "model=tiny", "data.enable_bucket=true"]))
+    assert cfg.data.enable_bucket is True  # the command line wins

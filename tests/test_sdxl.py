@@ -359,3 +359,16 @@ def test_inspect_an_sdxl_file_against_both_architectures(xl_trained, xl_base, ba
     on_sd15 = inspect(path, base)
     assert "made for sdxl_base_v1-0, but the base model is sd_v1" in on_sd15["warnings"]
     assert on_sd15["unmatched"]
+
+
+def test_text_cache_keeps_both_encoders_and_the_pooled_embedding(xl_base, tmp_path):
+    captions = ["photo of sks woman", "sks woman, red hair"]
+    fp = "test-encoders"
+    first = cache.cache_text(captions, xl_base.tokenizers, xl_base.text_encoders, 1, fp, tmp_path)
+    again = cache.cache_text(captions, xl_base.tokenizers, xl_base.text_encoders, 1, fp, tmp_path)  # from disk
+    hidden, pooled = cache.encode(captions, xl_base.tokenizers, xl_base.text_encoders, 1)
+    for i, c in enumerate(captions):
+        assert first[c][0].shape == (77, 32 + 64) and first[c][1].shape == (32,)  # both encoders; pooled
+        torch.testing.assert_close(again[c][0], hidden[i].detach())
+        torch.testing.assert_close(again[c][1], pooled[i].detach())
+    assert len(list(tmp_path.rglob("*.safetensors"))) == 2
