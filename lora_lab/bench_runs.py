@@ -134,6 +134,7 @@ def probe(spec: Dict) -> Dict:
     from lora_lab.data import load_dataset
     from lora_lab.models import load_base, pick_device
     from lora_lab.render import RenderSettings, generate
+    from lora_lab.sample_strengths import SampleStrengths
     from lora_lab.suite import load_suite
 
     cfg = compose(spec["overrides"])
@@ -148,7 +149,7 @@ def probe(spec: Dict) -> Dict:
     lora_io.load_into(base.unet, base.text_encoders, tensors)
     strengths = [s for s in cfg.eval.strengths if s] or [1.0]
     speeds = {}
-    with lora_io.SampleStrengths(base.unet, base.text_encoders) as per_sample:
+    with SampleStrengths(base.unet, base.text_encoders) as per_sample:
         for size in PROBE_BATCHES:
             jobs = [(suite.prompts[i % len(suite.prompts)], 1000 + i, strengths[i % len(strengths)])
                     for i in range(size)]

@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 from lora_lab import lora_formats, lora_io
 from lora_lab.errors import ConfigError, LoraLabError
 from lora_lab.files import publish_file
+from lora_lab.sample_strengths import SampleStrengths
 from lora_lab.suite import Prompt
 
 # A1111 sampler name -> (diffusers scheduler class, extra config); from diffusers' scheduler docs.
@@ -227,7 +228,7 @@ def generate(pipe, jobs: Sequence[Job], settings: RenderSettings, strengths=None
               plan: Optional[dict] = None) -> Dict[Job, Image.Image]:
     """Render ``jobs`` in as few pipeline calls as memory allows; each image has its own
     generator (so it depends on its own seed only) and, through ``strengths`` (a
-    :class:`lora_io.SampleStrengths`), its own LoRA strength.
+    :class:`SampleStrengths`), its own LoRA strength.
 
     ``plan`` (a worker's memory) keeps the batch size: ``settings.batch_size`` when set, else
     chosen once from the free memory and one image's measured cost (the first call renders one
@@ -388,7 +389,7 @@ def render(pipe, lora_files: Sequence[Tuple[int, Path, Dict[str, torch.Tensor], 
                     jobs += [(p, seed, s, adapter) for s in lora_strengths for p in prompts for seed in settings.seeds]
                 if need_base:
                     jobs = [(p, seed, 0.0, adapters[0]) for p, seed, _ in base_jobs] + jobs
-                with lora_io.SampleStrengths(unet, text_encoder, adapters) as per_sample:
+                with SampleStrengths(unet, text_encoder, adapters) as per_sample:
                     images = generate(pipe, jobs, settings, per_sample, on_batch=bar.update, plan=plan)
             except LoraLabError:
                 raise

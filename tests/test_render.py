@@ -12,6 +12,7 @@ from lora_lab.config import TrainConfig
 from lora_lab.errors import ConfigError, LoraLabError
 from lora_lab.grids import draw_grid
 from lora_lab.render import SAMPLERS, RenderSettings, infotext, make_scheduler
+from lora_lab.sample_strengths import SampleStrengths
 
 
 def _random_lora(pipe, seed, conv=True):
@@ -189,7 +190,7 @@ def test_batched_strengths_equal_one_at_a_time(base, cfg_scale):
         for s, seed in zip(strengths, seeds):
             lora_io.set_strength(pipe.unet, pipe.text_encoder, s)
             single.append(_pipe_images(pipe, 1, [seed], cfg_scale)[0])
-        with lora_io.SampleStrengths(pipe.unet, pipe.text_encoder) as per_sample:
+        with SampleStrengths(pipe.unet, pipe.text_encoder) as per_sample:
             per_sample.set(strengths)
             batched = _pipe_images(pipe, 4, seeds, cfg_scale)
     finally:
@@ -205,7 +206,7 @@ def test_sample_strengths_refuse_a_batch_they_do_not_describe(base):
     pipe = base.pipe
     lora_io.load_into(pipe.unet, pipe.text_encoder, _random_lora(pipe, 5))
     try:
-        with lora_io.SampleStrengths(pipe.unet, pipe.text_encoder) as per_sample:
+        with SampleStrengths(pipe.unet, pipe.text_encoder) as per_sample:
             per_sample.set([1.0, 0.5, 0.0])
             with pytest.raises(RuntimeError, match="LoRA strengths for 3 samples, but a layer saw a batch of 4"):
                 pipe.text_encoder(torch.zeros(4, 77, dtype=torch.long))
@@ -286,7 +287,7 @@ def test_several_files_share_a_batch_and_each_image_matches_its_own_render(base,
         names = [lora_io.eval_adapter(0), lora_io.eval_adapter(1)]
         lora_io.load_into(pipe.unet, pipe.text_encoder, first, adapter=names[0])
         lora_io.load_into(pipe.unet, pipe.text_encoder, second, adapter=names[1])
-        with lora_io.SampleStrengths(pipe.unet, pipe.text_encoder, names) as per_sample:
+        with SampleStrengths(pipe.unet, pipe.text_encoder, names) as per_sample:
             per_sample.set([s for _, s in plan], [names[0], names[0], names[1], names[0]])
             batched = _pipe_images(pipe, 4, seeds, cfg_scale)
     finally:
