@@ -133,7 +133,7 @@ def _refuse(cfg: ModelConfig, what: str, found: str) -> None:
     choose = "model=sdxl" if found == "sdxl" else "model=sd21 or model=sd21_base" if found == "sd2" else "model=sd15"
     raise ModelError(
         f"model.pretrained: {what} is an {sdxl.ARCH_NAMES[found]} checkpoint, but model={cfg.name} "
-        f"expects {sdxl.ARCH_NAMES[_expected(cfg)]}; use {choose}"
+        f"expects {sdxl.ARCH_NAMES.get(_expected(cfg), 'SD 1.x / 2.x')}; use {choose}"
     )
 
 
@@ -157,7 +157,7 @@ def _check_folder_arch(cfg: ModelConfig, path: Path) -> None:
         raise ModelError(f"model.pretrained: {path / 'model_index.json'} is not readable JSON") from None
     found = "sdxl" if "XL" in cls else None
     expected = _expected(cfg)
-    if found == "sdxl" and expected not in (None, "sdxl"):
+    if found == "sdxl" and expected != "sdxl":
         _refuse(cfg, f"folder {path}", "sdxl")
     if expected == "sdxl" and "XL" not in cls:
         raise ModelError(f"model.pretrained: folder {path} holds a {cls or 'pipeline'}, not an SDXL pipeline; "

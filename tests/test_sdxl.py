@@ -70,6 +70,14 @@ def test_a_checkpoint_of_another_architecture_is_refused_by_name(base, xl_file, 
         load_base(_xl_cfg(name="sdxl", pretrained=str(sd1)), tmp_path, CPU)
 
 
+def test_an_sdxl_folder_under_an_sd_model_is_refused(xl_dir, tiny_dir, tmp_path):
+    with pytest.raises(ModelError, match=r"folder .* is an SDXL checkpoint, but model=tiny expects SD 1.x / 2.x; "
+                                         r"use model=sdxl"):
+        load_base(ModelConfig(name="tiny", pretrained=str(xl_dir), builtin=None), tmp_path, CPU)
+    with pytest.raises(ModelError, match=r"holds a StableDiffusionPipeline, not an SDXL pipeline"):
+        load_base(_xl_cfg(pretrained=str(tiny_dir), preset=None), tmp_path, CPU)
+
+
 def test_sdxl_preset_ships_the_real_architecture(tmp_path):
     from diffusers import UNet2DConditionModel
 
