@@ -441,9 +441,14 @@ def run(config: Config) -> "leaderboard.pd.DataFrame":
              f"({sweep.sampler}), objective {sweep.objective}, folder {study_dir}")
     from lora_lab import preflight
 
-    for line in preflight.describe(config, dataset):  # at the sweep's base settings; a trial may differ
+    fixed = trial_config(config, {}, study_dir / "check")  # with sweep.fixed; a trial's own values may differ
+    if fixed.data != config.data:  # e.g. data.repeats fixed by the sweep
+        from lora_lab.data import load_dataset
+
+        dataset = load_dataset(fixed.data, Path(fixed.cache_dir))
+    for line in preflight.describe(fixed, dataset):
         log.info(line)
-    preflight.doctor(config, dataset, study_dir)
+    preflight.doctor(fixed, dataset, study_dir)
     index = live_report(study_dir, Path(sweep.reports))
     if index is not None:
         log.info(f"report (rewritten after every trial and per-epoch check; reload it): {index}")

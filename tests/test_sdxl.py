@@ -257,6 +257,10 @@ def test_sdxl_sweep_and_evaluating_a_kohya_sdxl_file_from_the_command_line(xl_di
                            f"cache_dir={cache_dir}", "sweep.grid={train.network_dim:[2]}"], **env_run)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "tiny-sdxl" in proc.stdout and "best: trial 0" in proc.stdout
+    # what the sweep's trials train on, with its fixed settings (smoke: 1 repeat, 32 px), before the first
+    assert "kohya steps: 12 images x 1 repeats x 1 epochs / batch 2 = 6 steps" in proc.stdout
+    assert proc.stdout.index("dataset doctor: 12 images") < proc.stdout.index("trial 0 start")
+    assert (tmp_path / "sweeps" / "smoke" / "doctor.json").exists()
     lora = tmp_path / "sweeps" / "smoke" / "trial_0" / "lora"
     elsewhere = tmp_path / "from_kohya"
     elsewhere.mkdir()
