@@ -19,7 +19,8 @@ import math
 import random
 from collections import Counter, defaultdict
 from dataclasses import dataclass
-from typing import Callable, Dict, Iterable, List, Sequence, Tuple
+from functools import lru_cache
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 Size = Tuple[int, int]  # (width, height)
 
@@ -64,6 +65,7 @@ class Placement:
         return (top, self.resized[0] - left - self.bucket[0]) if flipped else (top, left)
 
 
+@lru_cache(maxsize=16)
 def resolutions(spec: BucketSpec) -> List[Size]:
     """kohya's bucket set (model_util.make_bucket_resolutions) for ``spec``."""
     area = spec.resolution * spec.resolution
@@ -75,7 +77,7 @@ def resolutions(spec: BucketSpec) -> List[Size]:
             out.add((width, height))
             out.add((height, width))
         width += spec.steps
-    return sorted(out)
+    return sorted(out)  # cached: callers must not change it
 
 
 def _round(x: float, steps: int) -> int:
@@ -115,13 +117,15 @@ def place(size: Size, spec: BucketSpec) -> Placement:
     return Placement(bucket, resized, ((resized[1] - bucket[1]) // 2, (resized[0] - bucket[0]) // 2))
 
 
-def table(sizes: Iterable[Size], spec: BucketSpec) -> Tuple[Dict[Size, int], float]:
-    """(images per bucket, repeats counted, in kohya's order; mean aspect-ratio error)."""
+def table(sizes: Sequence[Size], spec: BucketSpec, repeats: Optional[Sequence[int]] = None
+          ) -> Tuple[Dict[Size, int], float]:
+    """(images per bucket, each counted ``repeats`` times, in kohya's order; the mean
+    aspect-ratio error per image, as kohya prints them)."""
     counts: Counter = Counter()
     errors = []
-    for size in sizes:
+    for size, n in zip(sizes, repeats or [1] * len(sizes)):
         p = place(size, spec)
-        counts[p.bucket] += 1
+        counts[p.bucket] += n
         errors.append(abs(p.bucket[0] / p.bucket[1] - size[0] / size[1]))
     return dict(sorted(counts.items())), (sum(errors) / len(errors) if errors else 0.0)
 

@@ -26,6 +26,7 @@ import sys
 import time
 from collections import defaultdict
 from dataclasses import asdict, dataclass, field
+from functools import lru_cache
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
@@ -124,15 +125,15 @@ def identity_outliers(embeddings: Dict[str, "np.ndarray"], z: float = OUTLIER_Z)
     return out
 
 
-def _token_count(text: str) -> int:
+@lru_cache(maxsize=1)
+def _clip_tokenizer():
     from open_clip.tokenizer import SimpleTokenizer
 
-    global _TOKENIZER
-    try:
-        tok = _TOKENIZER
-    except NameError:
-        tok = _TOKENIZER = SimpleTokenizer()
-    return len(tok.encode(text))
+    return SimpleTokenizer()
+
+
+def _token_count(text: str) -> int:
+    return len(_clip_tokenizer().encode(text))
 
 
 def _has_token(caption: str, token: str) -> bool:

@@ -48,6 +48,11 @@ def steps_line(dataset: Dataset, config: Config) -> str:
             + f" = {steps} steps")
 
 
+def bucket_table(dataset: Dataset, spec: BucketSpec):
+    """(images per bucket with repeats, mean aspect-ratio error) of the run's images."""
+    return table([s.size for s in dataset.samples], spec, [s.repeats for s in dataset.samples])
+
+
 def text_encoding(t: TrainConfig, dataset: Dataset) -> Optional[str]:
     """Why captions are encoded every step instead of once (None: the text cache is used)."""
     if t.trains_text_encoder:
@@ -66,10 +71,8 @@ def describe(config: Config, dataset: Dataset) -> List[str]:
     t = config.train
     spec = BucketSpec.from_config(config.data, config.resolution)
     lines = dataset.summary().splitlines() + [spec.describe()]
-    if spec.enabled:  # counts with repeats, the aspect-ratio error per image, as kohya prints them
-        counts, _ = table([s.size for s in dataset.samples for _ in range(s.repeats)], spec)
-        _, error = table([s.size for s in dataset.samples], spec)
-        lines += describe_table(counts, error)
+    if spec.enabled:
+        lines += describe_table(*bucket_table(dataset, spec))
     lines.append(steps_line(dataset, config))
     why = text_encoding(t, dataset)
     lines.append(f"captions encoded every step: {why}" if why else "captions encoded once (text cache)")
@@ -103,7 +106,7 @@ def doctor(config: Config, dataset: Dataset, folder=None) -> Optional[dict]:
     data = report.to_json()
     spec = BucketSpec.from_config(config.data, config.resolution)
     if spec.enabled:
-        counts, _ = table([s.size for s in dataset.samples for _ in range(s.repeats)], spec)
+        counts, _ = bucket_table(dataset, spec)
         data["buckets"] = [{"resolution": list(reso), "count": n} for reso, n in counts.items()]
     if folder is not None:
         from lora_lab.files import atomic_write_text

@@ -14,7 +14,8 @@ from typing import Dict, Optional
 
 from lora_lab import lora_io
 from lora_lab.config import Config
-from lora_lab.buckets import BucketSpec, table
+from lora_lab.buckets import BucketSpec
+from lora_lab.preflight import bucket_table
 from lora_lab.data import Dataset, SubsetOptions
 from lora_lab.files import file_sha256, legacy_file_hash
 from lora_lab.models import BaseModel
@@ -25,6 +26,7 @@ def metadata(config: Config, base: BaseModel, dataset: Dataset, *, epoch: int, s
               max_steps: int, started: str, finished: Optional[str], warmup: int,
               batches_per_epoch: int) -> Dict[str, str]:
     t = config.train
+    buckets = _bucket_fields(config, dataset)
     return lora_io.kohya_metadata(
         ss_network_module="networks.lora",
         ss_network_dim=t.network_dim,
@@ -57,7 +59,7 @@ def metadata(config: Config, base: BaseModel, dataset: Dataset, *, epoch: int, s
         ss_num_batches_per_epoch=batches_per_epoch,
         ss_cache_latents=t.cache_latents,
         ss_max_grad_norm=t.max_grad_norm,
-        ss_datasets=[_dataset_metadata(config, dataset)],
+        ss_datasets=[_dataset_metadata(config, dataset, buckets)],
         ss_v2=base.base_version.startswith("sd_v2"),
         ss_v_parameterization=base.prediction_type == "v_prediction",
         ss_output_name=t.output_name,
@@ -75,7 +77,7 @@ def metadata(config: Config, base: BaseModel, dataset: Dataset, *, epoch: int, s
         ss_caption_tag_dropout_rate=max((s.options.caption_tag_dropout_rate for s in dataset.train), default=0.0),
         ss_enable_bucket=config.data.enable_bucket,
         ss_bucket_no_upscale=config.data.bucket_no_upscale,
-        **_bucket_fields(config, dataset),
+        **buckets,
         **modelspec(config, base, started),
         # kohya records its own commit in ss_sd_scripts_commit_hash; ours, with the libraries
         # whose behaviour shapes the file, as JSON beside it.
@@ -122,7 +124,7 @@ def modelspec(config: Config, base: BaseModel, started: str) -> Dict[str, str]:
     return out
 
 
-def _dataset_metadata(config: Config, dataset: Dataset) -> dict:
+def _dataset_metadata(config: Config, dataset: Dataset, buckets: dict) -> dict:
     """One entry of kohya's ``ss_datasets``: a DreamBooth-style dataset, a subset per folder."""
     d = config.data
     subsets = []
@@ -140,9 +142,8 @@ def _dataset_metadata(config: Config, dataset: Dataset) -> dict:
     return {"is_dreambooth": True, "batch_size_per_device": config.train.batch_size,
             "num_train_images": sum(s.repeats for s in dataset.train), "num_reg_images": len(dataset.reg),
             "resolution": [config.resolution, config.resolution], "enable_bucket": d.enable_bucket,
-            **{k[3:]: v for k, v in _bucket_fields(config, dataset).items() if k != "ss_bucket_info"},
-            "tag_frequency": dataset.tag_frequency(), "bucket_info": _bucket_fields(config, dataset)["ss_bucket_info"],
-            "subsets": subsets}
+            "min_bucket_reso": buckets["ss_min_bucket_reso"], "max_bucket_reso": buckets["ss_max_bucket_reso"],
+            "tag_frequency": dataset.tag_frequency(), "bucket_info": buckets["ss_bucket_info"], "subsets": subsets}
 
 
 def _bucket_fields(config: Config, dataset: Dataset) -> dict:
@@ -150,8 +151,7 @@ def _bucket_fields(config: Config, dataset: Dataset) -> dict:
     spec = BucketSpec.from_config(config.data, config.resolution)
     if not spec.enabled:
         return {"ss_min_bucket_reso": None, "ss_max_bucket_reso": None, "ss_bucket_info": None}
-    counts, _ = table([s.size for s in dataset.samples for _ in range(s.repeats)], spec)
-    _, error = table([s.size for s in dataset.samples], spec)
+    counts, error = bucket_table(dataset, spec)
     info = {"buckets": {str(i): {"resolution": list(reso), "count": n} for i, (reso, n) in enumerate(counts.items())},
             "mean_img_ar_error": error}
     return {"ss_min_bucket_reso": spec.min_reso, "ss_max_bucket_reso": spec.max_reso, "ss_bucket_info": info}
