@@ -163,7 +163,7 @@ class _Faces:
         if boxes is None:
             return []
         kept = np.array([b for b, p in zip(boxes, probs) if p is not None and p >= FACE_PROB])
-        if len(kept) == 1:
+        if len(kept) == 1 and not self.embedder.random:
             self.crops[name] = self.detector.extract(small, kept, None)[0]
         return [b / scale for b in kept]
 
@@ -192,7 +192,7 @@ def examine(samples, *, resolution: int, token: Optional[str], person: bool, fac
     if person and faces is None:
         faces = _Faces(face_cfg)
         if faces.embedder.random:
-            report.notes.append(f"identity check not meaningful: FaceNet weights are {faces.embedder.source}; "
+            report.notes.append(f"identity check skipped: FaceNet weights are {faces.embedder.source}; "
                                 "set eval.face.pretrained")
     hashes = []
     for s in train:
@@ -229,7 +229,9 @@ def examine(samples, *, resolution: int, token: Optional[str], person: bool, fac
             add(Finding(name, "long_caption", f"caption has {n_tokens} tokens; past {MAX_TOKENS} it is cut off"))
     for i, j in near_duplicates(hashes):
         add(Finding(str(train[j].path), "duplicate", f"near-duplicate of {train[i].path.name}"))
-    for name, sim in identity_outliers(faces.embeddings() if faces is not None else {}).items():
+    # Random FaceNet weights (offline, no weights file) would flag faces by chance: no check then.
+    meaningful = faces is not None and not faces.embedder.random
+    for name, sim in identity_outliers(faces.embeddings() if meaningful else {}).items():
         add(Finding(name, "outlier", f"face far from the others (similarity {sim:.2f} to their centroid): "
                                      "someone else, or an unusual angle?"))
     same = defaultdict(list)
