@@ -262,13 +262,13 @@ def for_run(config, dataset) -> DoctorReport:
     """The doctor on a run's dataset, with its resolution, buckets, token and step count."""
     from lora_lab.preflight import steps_line
 
-    person = _suite_kind(config, dataset) == "person"
+    person = suite_kind(config, dataset) == "person"
     return examine(dataset.samples, resolution=config.resolution, token=dataset.token, person=person,
                    face_cfg=config.eval.face, buckets=BucketSpec.from_config(config.data, config.resolution),
                    steps_line=steps_line(dataset, config))
 
 
-def _suite_kind(config, dataset) -> str:
+def suite_kind(config, dataset) -> str:
     from lora_lab.suite import load_suite
 
     try:
@@ -282,7 +282,8 @@ def _overrides(path: str, given: List[str]) -> List[str]:
     the person suite, unless the command line says otherwise; no model is loaded, so none needs
     a file."""
     keys = {item.split("=", 1)[0].lstrip("+~") for item in given}
-    out = ["model=sd15", "eval=default", "data=folder", f"data.path={path}"]
+    quoted = path.replace("\\", "\\\\").replace("'", "\\'")  # Hydra's quoting: any file name
+    out = ["model=sd15", "eval=default", "data=folder", f"data.path='{quoted}'"]
     if "model.pretrained" not in keys:
         out.append("model.pretrained=not-loaded")
     return out + list(given)
@@ -301,6 +302,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--json", action="store_true", help="print the findings as JSON")
     args = parser.parse_intermixed_args(argv)
     setup_logging()
+    if "=" in args.path and not Path(args.path).exists():
+        print(f"error: {args.path!r} looks like a setting; give the data folder (or dataset_config.toml) first: "
+              "python -m lora_lab.doctor PATH [key=value ...]", file=sys.stderr)
+        return 2
     try:
         from lora_lab.data import load_dataset
         from lora_lab.kohya_toml import apply

@@ -98,7 +98,9 @@ def doctor(config: Config, dataset: Dataset, folder=None) -> Optional[dict]:
     hidden = sum(max(0, n - SHOWN_PER_KIND) for n in shown.values())
     if hidden:
         where = config.data.path or (str(Path(dataset.folders[0]).parent) if dataset.folders else "<data folder>")
-        lines.append(f"  ... and {hidden} more: python -m lora_lab.doctor {where} lists every one")
+        kind = dr.suite_kind(config, dataset)  # the same checks as this run's, from the command line
+        same = f"train.resolution={config.resolution}" + (f" eval.suite={kind}" if kind != "person" else "")
+        lines.append(f"  ... and {hidden} more: python -m lora_lab.doctor {where} {same} lists every one")
     lines += [f"  note: {n}" for n in report.notes]
     (log.warning if report.findings else log.info)(lines[0])
     for line in lines[1:]:

@@ -140,3 +140,26 @@ def test_what_makes_training_impossible_still_stops(tmp_path, cache_dir, demo_di
     proc = subprocess.run([sys.executable, "-m", "lora_lab.doctor", str(tmp_path / "data"), f"cache_dir={cache_dir}"],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2 and "broken.png cannot be read as an image" in proc.stderr
+
+
+def test_a_run_prints_a_few_findings_and_the_command_for_all(tmp_path, cache_dir, demo_dir, caplog):
+    import logging
+
+    from lora_lab import preflight
+    from lora_lab.cli import compose
+
+    _set(tmp_path, demo_dir)
+    cfg = compose(["model=tiny", "data=folder", f"data.path={tmp_path / 'data'}", "data.token=sks",
+                   "train.resolution=512", "eval.suite=object", f"cache_dir={cache_dir}"])
+    ds = load_dataset(cfg.data, cache_dir)
+    with caplog.at_level(logging.INFO, logger="lora_lab.preflight"):
+        data = preflight.doctor(cfg, ds, tmp_path)
+    text = caplog.text
+    assert "dataset doctor: 4 images, 4 with findings (4 below the training size)" in text
+    assert text.count("is below the training size") == 3  # three per kind on the console ...
+    assert (f"... and 1 more: python -m lora_lab.doctor {tmp_path / 'data'} train.resolution=512 eval.suite=object "
+            "lists every one") in text  # ... and the command that repeats this run's checks
+    assert len(data["findings"]) == 4 and json.loads((tmp_path / "doctor.json").read_text())["images"] == 4
+    proc = subprocess.run([sys.executable, "-m", "lora_lab.doctor", "data.token=sks", str(tmp_path / "data")],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "'data.token=sks' looks like a setting; give the data folder" in proc.stderr
