@@ -8,7 +8,7 @@ import os
 import sys
 from typing import Callable, Dict, List, Tuple
 
-from lora_lab.config import Config, conf_dir, register, set_explicit_keys, to_config
+from lora_lab.config import Config, conf_dir, explicit_keys, register, to_config
 from lora_lab.errors import ConfigError, LoraLabError
 
 
@@ -73,27 +73,30 @@ def apply_tables(cfg, tables: Dict[str, dict]):
     return cfg
 
 
-def hydra_entry(task: Callable[[Config], object]) -> Callable[[], None]:
-    """Wrap ``task(config)`` as a Hydra main that prints ``error: ...`` and exits 2 on bad input."""
+def hydra_entry(task: Callable[[Config], object], command: str) -> Callable[[], None]:
+    """Wrap ``task(config)`` as a Hydra main that prints ``error: ...`` and exits 2 on bad input.
+
+    Args:
+        task: What the command does with the validated config.
+        command: The module users type after ``python -m`` (``lora_lab.sweep``), named in errors.
+    """
     import hydra
     from omegaconf import DictConfig
 
     register()
     tables: Dict[str, dict] = {}
+    explicit: List[str] = []
 
     @hydra.main(config_path=str(conf_dir()), config_name="config", version_base="1.3")
     def _main(cfg: DictConfig) -> None:
         setup_logging()
         try:
-            task(to_config(apply_tables(cfg, tables)))
+            task(to_config(apply_tables(cfg, tables), explicit))
         except LoraLabError as exc:
             print(f"error: {exc}", file=sys.stderr)
             sys.exit(2)
         except Exception as exc:  # a library's error: one sentence here, the trace in a file
-            module = task.__module__
-            if module == "__main__":  # under python -m: the module's own name
-                module = getattr(getattr(sys.modules["__main__"], "__spec__", None), "name", "lora_lab")
-            print(f"error: {unexpected(exc, module, cfg)}", file=sys.stderr)
+            print(f"error: {unexpected(exc, command, cfg)}", file=sys.stderr)
             sys.exit(1)
 
     @functools.wraps(task)
@@ -104,7 +107,7 @@ def hydra_entry(task: Callable[[Config], object]) -> Callable[[], None]:
             print(f"error: {exc}", file=sys.stderr)
             sys.exit(2)
         tables.update(found)
-        set_explicit_keys(rest + list(found))
+        explicit.extend(explicit_keys(rest + list(found)))
         sys.argv[1:] = rest
         _main()
 
@@ -151,16 +154,14 @@ def compose(overrides: list[str] | None = None) -> Config:
     """Compose ``conf/config.yaml`` with overrides, as the command line would (tests use this)."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
-
     from hydra.errors import ConfigCompositionException
 
     register()
     rest, tables = split_tables(list(overrides or []))
-    set_explicit_keys(rest + list(tables))
     with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
         try:
             cfg = hydra_compose(config_name="config", overrides=rest)
         except ConfigCompositionException as exc:
             cause = f": {exc.__cause__}".splitlines()[0] if exc.__cause__ else ""
             raise ConfigError(f"{exc}{cause}") from None
-    return to_config(apply_tables(cfg, tables))
+    return to_config(apply_tables(cfg, tables), explicit_keys(rest + list(tables)))

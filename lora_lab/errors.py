@@ -19,3 +19,9 @@ class ModelError(LoraLabError):
 
 class TrainingError(LoraLabError):
     """Training had to stop (NaN loss, missing optional package, no CUDA)."""
+
+
+def first_line(exc: BaseException) -> str:
+    """An error's first line (its class name when it has no message): for one-sentence reports."""
+    lines = str(exc).strip().splitlines()
+    return lines[0] if lines else exc.__class__.__name__

@@ -5,8 +5,9 @@ from __future__ import annotations
 import hashlib
 import os
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Dict
+from typing import Dict, Iterator, Optional
 
 
 def _modes() -> tuple:
@@ -27,22 +28,48 @@ def publish_file(tmp: str, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` under a temp name in the same folder, then rename it into place."""
+@contextmanager
+def atomic_path(path: Path) -> Iterator[str]:
+    """A temp name in ``path``'s folder to write to; renamed to ``path`` when the block ends
+    normally, removed when it raises, so ``path`` appears whole or not at all."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
     try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
+        yield tmp
         publish_file(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
 
 
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` under a temp name in the same folder, then rename it into place."""
+    with atomic_path(path) as tmp:
+        Path(tmp).write_bytes(data)
+
+
+def atomic_save(tensors: dict, path: Path, metadata: Optional[Dict[str, str]] = None) -> None:
+    """Write a safetensors file under a temp name in the same folder, then rename it."""
+    from safetensors.torch import save_file
+
+    with atomic_path(path) as tmp:
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
+
+
 def atomic_write_text(path: Path, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def read_json(path: Path) -> Optional[dict]:
+    """A JSON file's content; None when it is missing, unreadable or not (yet) whole JSON."""
+    import json
+
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
 
 
 def publish_dir(target: Path, build, marker: str) -> Path:
@@ -69,7 +96,7 @@ def publish_dir(target: Path, build, marker: str) -> Path:
     return target
 
 
-_FILE_HASHES: Dict[tuple, str] = {}
+_FILE_HASHES: Dict[tuple, str] = {}  # cache: (path, size, mtime) -> sha256
 
 
 def file_sha256(path: Path) -> str:

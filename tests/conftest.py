@@ -18,7 +18,7 @@ def cache_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_dir(cache_dir) -> Path:
-    from lora_lab.builtin import tiny_folder
+    from lora_lab.models.builtin import tiny_folder
 
     return tiny_folder(cache_dir)
 
@@ -28,14 +28,14 @@ def base(cache_dir, tiny_dir):
     import torch
 
     from lora_lab.config import ModelConfig
-    from lora_lab.models import load_base
+    from lora_lab.models.base import load_base
 
     return load_base(ModelConfig(), cache_dir, torch.device("cpu"))
 
 
 @pytest.fixture(scope="session")
 def demo_dir(cache_dir) -> Path:
-    from lora_lab.demo_data import demo_folder
+    from lora_lab.data.demo import demo_folder
 
     return demo_folder(cache_dir)
 
@@ -61,8 +61,8 @@ def script_study(tmp_path_factory, cache_dir, demo_dir):
     """A finished smoke sweep on demo faces whose captions and token carry HTML."""
     import shutil
 
-    from lora_lab import sweep
     from lora_lab.cli import compose
+    from lora_lab.sweep import run as sweep
 
     root = tmp_path_factory.mktemp("study")
     data = root / "data" / "2_sks"
@@ -78,7 +78,7 @@ def script_study(tmp_path_factory, cache_dir, demo_dir):
 @pytest.fixture(scope="session")
 def xl_dir(cache_dir) -> Path:
     """The tiny SDXL-shaped model as a diffusers folder."""
-    from lora_lab.builtin import tiny_folder
+    from lora_lab.models.builtin import tiny_folder
 
     return tiny_folder(cache_dir, "tiny-sdxl")
 
@@ -88,7 +88,7 @@ def xl_base(cache_dir, xl_dir):
     import torch
 
     from lora_lab.config import ModelConfig
-    from lora_lab.models import load_base
+    from lora_lab.models.base import load_base
 
     cfg = ModelConfig(name="tiny-sdxl", builtin="tiny-sdxl", base_version="sdxl_base_v1-0")
     return load_base(cfg, cache_dir, torch.device("cpu"))

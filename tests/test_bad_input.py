@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from lora_lab import sweep
 from lora_lab.cli import compose
 from lora_lab.errors import LoraLabError
+from lora_lab.sweep import run as sweep
 
 
 def _kohya(root: Path, caption: bytes = b"photo of sks") -> Path:

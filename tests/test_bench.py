@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from lora_lab import bench
+from lora_lab.bench import compare as bench
 
 
 def test_bench_command_reports_all_figures(tmp_path, cache_dir, demo_dir):
@@ -74,7 +74,7 @@ def test_bench_on_cuda_measures_what_users_run_on_a_gpu():
 
 
 def test_sd15_random_model_has_sd15s_architecture():
-    from lora_lab.builtin import sd15_modules
+    from lora_lab.models.builtin import sd15_modules
 
     with torch.device("meta"):  # the real sizes, without allocating them
         unet, vae, text_encoder = sd15_modules()

@@ -75,7 +75,7 @@ def test_front_page_pictures_in_chromium_and_a_running_study_reads(browser, scri
 
     from selenium.webdriver.common.by import By
 
-    from lora_lab.report import build_report
+    from lora_lab.report.study import build_report
 
     _, report = script_study
     browser.get((report / "index.html").as_uri())

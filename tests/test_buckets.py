@@ -13,10 +13,18 @@ import pytest
 from PIL import Image
 from safetensors import safe_open
 
-from lora_lab.buckets import BucketSpec, batches_per_epoch, bucket_batches, describe_table, place, resolutions, table
-from lora_lab.captions import CaptionRule, process
 from lora_lab.config import DataConfig
-from lora_lab.data import SubsetOptions, load_dataset, load_image
+from lora_lab.data.buckets import (
+    BucketSpec,
+    batches_per_epoch,
+    bucket_batches,
+    describe_table,
+    place,
+    resolutions,
+    table,
+)
+from lora_lab.data.captions import CaptionRule, process
+from lora_lab.data.dataset import SubsetOptions, load_dataset, load_image
 from lora_lab.errors import ConfigError
 
 SD15 = BucketSpec(512, enabled=True, min_reso=256, max_reso=1024, steps=64)
@@ -162,9 +170,9 @@ def test_mixed_photos_train_in_buckets_with_the_table_and_doctor_first(tmp_path,
 
 
 def test_a_toml_with_bucket_and_caption_keys_trains_as_kohya_would(tmp_path, cache_dir):
-    from lora_lab import kohya_toml
     from lora_lab.cli import compose
-    from lora_lab.preflight import text_encoding
+    from lora_lab.data import kohya_toml
+    from lora_lab.train.preflight import text_encoding
 
     _mixed_folder(tmp_path)
     toml = tmp_path / "ds.toml"

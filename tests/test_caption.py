@@ -9,7 +9,7 @@ import sys
 import pytest
 from PIL import Image
 
-from lora_lab.caption import parse
+from lora_lab.data.captioner import parse
 from lora_lab.errors import LoraLabError
 
 WORDS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "[DEC]", "a", "photo", "of", "woman", "man", "red", "hair",
@@ -80,3 +80,11 @@ def test_bad_arguments_are_one_sentence(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "lora_lab.caption", str(tmp_path / "empty"),
                            f"model={tmp_path / 'no-model'}"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "holds no images" in proc.stderr
+
+
+def test_help_prints_the_usage_and_exits_0():
+    proc = subprocess.run([sys.executable, "-m", "lora_lab.caption", "--help"], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0
+    assert proc.stdout.startswith("usage: python -m lora_lab.caption PATH model=HUB_ID_OR_FOLDER")
+    assert "overwrite=true" in proc.stdout  # the module's own description follows

@@ -10,8 +10,9 @@ import pytest
 from PIL import Image
 
 from lora_lab.config import DataConfig
-from lora_lab.captions import shuffle_caption
-from lora_lab.data import epoch_order, load_dataset, load_image
+from lora_lab.data.captions import shuffle_caption
+from lora_lab.data.dataset import load_dataset, load_image
+from lora_lab.data.steps import epoch_order
 from lora_lab.errors import DataError
 
 
@@ -180,8 +181,8 @@ def test_a_kohya_toml_trains_as_kohya_would(tmp_path, cache_dir):
     """resolution and batch_size in the file are the run's (the command line still wins);
     DreamBooth subsets read .caption by default; a kohya key lora_lab cannot apply is refused by
     name unless it sits at kohya's default; a key kohya does not know is refused."""
-    from lora_lab import kohya_toml
     from lora_lab.cli import compose
+    from lora_lab.data import kohya_toml
 
     _img(tmp_path / "imgs" / "a.png")
     (tmp_path / "imgs" / "a.caption").write_text("photo of ciri_w3, red hair")
@@ -195,14 +196,16 @@ def test_a_kohya_toml_trains_as_kohya_would(tmp_path, cache_dir):
     cfg = kohya_toml.apply(compose([f"data.path={toml}", f"cache_dir={cache_dir}", "model=tiny",
                                     "train.batch_size=4", "train.resolution=32"]))
     assert (cfg.resolution, cfg.train.batch_size) == (32, 4)  # the command line wins
-    ds = load_dataset(cfg.data, tmp_path)
+    ds = load_dataset(cfg.data, tmp_path, cfg.explicit)
     assert ds.samples[0].caption == "photo of ciri_w3, red hair" and ds.samples[0].repeats == 3
     assert ds.samples[0].shuffle_caption and ds.samples[0].keep_tokens == 1
-    compose([f"data.path={toml}", "data.caption_extension=.txt"])  # now explicit: the command line's
-    assert load_dataset(DataConfig(path=str(toml), caption_extension=".txt"), tmp_path).samples[0].caption == \
-        "the wrong caption"
+    told = compose([f"data.path={toml}", "data.caption_extension=.txt"])  # explicit: the command line's
+    assert told.explicit == ["data.caption_extension", "data.path"]
+    assert load_dataset(told.data, tmp_path, told.explicit).samples[0].caption == "the wrong caption"
+    # The keys travel with the config, not through the process: the same values without the
+    # command line's say-so leave the TOML's (kohya's) default, whatever was composed last.
+    assert load_dataset(told.data, tmp_path).samples[0].caption == "photo of ciri_w3, red hair"
     toml.write_text('[[datasets]]\n[[datasets.subsets]]\nimage_dir = "imgs"\nflip_aug = true\n')
-    compose([f"data.path={toml}"])
     assert load_dataset(DataConfig(path=str(toml)), tmp_path).samples[0].options.flip_aug
     toml.write_text('[[datasets]]\n[[datasets.subsets]]\nimage_dir = "imgs"\ncolor_aug = true\n')
     with pytest.raises(DataError, match=r"datasets\[0\]\.subsets\[0\]\.color_aug = True: lora_lab does not apply "
@@ -223,9 +226,8 @@ def test_a_toml_runs_metadata_says_what_the_run_did(base, cache_dir, tmp_path):
     from safetensors import safe_open
 
     from conftest import make_config
-    from lora_lab import kohya_toml
-    from lora_lab.config import set_explicit_keys
-    from lora_lab.train import train
+    from lora_lab.data import kohya_toml
+    from lora_lab.train.loop import train
 
     for i in range(2):
         _img(tmp_path / "imgs" / f"{i}.png", (10 * i, 20, 30))
@@ -235,7 +237,6 @@ def test_a_toml_runs_metadata_says_what_the_run_did(base, cache_dir, tmp_path):
                     'batch_size = 2\n[[datasets.subsets]]\nimage_dir = "imgs"\nclass_tokens = "sks"\n')
     cfg = make_config(cache_dir, tmp_path / "out", epochs=1, resolution=None, batch_size=1)
     cfg.data.path = str(toml)
-    set_explicit_keys([])
     cfg = kohya_toml.apply(cfg)
     result = train(cfg, base, load_dataset(cfg.data, cache_dir), tmp_path / "out")
     with safe_open(str(result.lora_files[1]), framework="pt") as fh:

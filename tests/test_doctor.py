@@ -11,8 +11,8 @@ import numpy as np
 from PIL import Image, ImageFilter
 
 from lora_lab.config import DataConfig
-from lora_lab.data import load_dataset
-from lora_lab.doctor import dhash, examine, identity_outliers, near_duplicates, sharpness
+from lora_lab.data.dataset import load_dataset
+from lora_lab.data.doctor import dhash, examine, identity_outliers, near_duplicates, sharpness
 
 FACES = "10_sks woman"
 
@@ -145,14 +145,14 @@ def test_what_makes_training_impossible_still_stops(tmp_path, cache_dir, demo_di
 def test_a_run_prints_a_few_findings_and_the_command_for_all(tmp_path, cache_dir, demo_dir, caplog):
     import logging
 
-    from lora_lab import preflight
     from lora_lab.cli import compose
+    from lora_lab.train import preflight
 
     _set(tmp_path, demo_dir)
     cfg = compose(["model=tiny", "data=folder", f"data.path={tmp_path / 'data'}", "data.token=sks",
                    "train.resolution=512", "eval.suite=object", f"cache_dir={cache_dir}"])
     ds = load_dataset(cfg.data, cache_dir)
-    with caplog.at_level(logging.INFO, logger="lora_lab.preflight"):
+    with caplog.at_level(logging.INFO, logger="lora_lab.train.preflight"):
         data = preflight.doctor(cfg, ds, tmp_path)
     text = caplog.text
     assert "dataset doctor: 4 images, 4 with findings (4 below the training size)" in text

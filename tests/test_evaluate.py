@@ -15,11 +15,11 @@ from safetensors.torch import load_file, save_file
 
 from conftest import make_config
 from lora_lab.config import ClipScorerConfig, EvalConfig, FaceScorerConfig
-from lora_lab.data import load_dataset
+from lora_lab.data.dataset import load_dataset
+from lora_lab.data.suites import SUITES_DIR, load_suite
 from lora_lab.errors import ConfigError, LoraLabError
-from lora_lab.evaluate import evaluate, list_lora_files
-from lora_lab.suite import SUITES_DIR, load_suite
-from lora_lab.train import train
+from lora_lab.evaluate.run import evaluate, list_lora_files
+from lora_lab.train.loop import train
 
 
 def _eval_cfg():
@@ -181,7 +181,7 @@ def test_one_lora_on_several_checkpoints_and_how_it_transfers(base, trained, tin
     from ldm_export import to_ldm
 
     from lora_lab.config import ModelConfig
-    from lora_lab.evaluate import run
+    from lora_lab.evaluate.run import run
 
     cfg, _, out = trained
     state = to_ldm(base.pipe)

@@ -9,9 +9,10 @@ import sys
 import torch
 from safetensors.torch import save_file
 
-from lora_lab import lora_io
 from lora_lab.config import TrainConfig
-from lora_lab.inspect import inspect, render
+from lora_lab.lora import adapters as lora_io
+from lora_lab.lora import kohya as kohya_io
+from lora_lab.lora.inspect import inspect, render
 
 
 def _kohya_file(base, path, **meta):
@@ -20,7 +21,7 @@ def _kohya_file(base, path, **meta):
         for name, p in base.unet.named_parameters():
             if "lora_B" in name:
                 p.normal_(0, 0.1)
-    tensors = lora_io.kohya_state_dict(base.unet, base.text_encoder)
+    tensors = kohya_io.kohya_state_dict(base.unet, base.text_encoder)
     lora_io.detach(base.unet, base.text_encoder)
     save_file(tensors, str(path), metadata={"ss_network_dim": "4", "ss_network_alpha": "2.0", **meta})
     return tensors
@@ -89,7 +90,7 @@ def test_inspect_command(base, tmp_path, cache_dir):
 
 
 def test_base_model_from_the_keys_when_metadata_is_missing():
-    from lora_lab.inspect import base_version
+    from lora_lab.lora.inspect import base_version
 
     key = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k.lora_down.weight"
     assert base_version({key: torch.zeros(4, 768)}, {}) == "sd_v1"

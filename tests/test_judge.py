@@ -7,7 +7,7 @@ import math
 import pandas as pd
 
 from lora_lab.config import JudgeConfig
-from lora_lab.judge import aggregate, best_cell, judge, verdict_document
+from lora_lab.evaluate.judge import aggregate, best_cell, judge, verdict_document
 
 RED = "adherence::photo of sks with red hair"
 

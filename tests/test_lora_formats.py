@@ -10,8 +10,10 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
-from lora_lab import lora_formats, lora_io
 from lora_lab.errors import LoraLabError
+from lora_lab.lora import adapters as lora_io
+from lora_lab.lora import formats as lora_formats
+from lora_lab.lora import kohya as kohya_io
 
 ATTN = "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"
 CONV = "down_blocks.0.resnets.0.conv1"
@@ -28,7 +30,7 @@ def _applied_delta(base, tensors, path, part="unet", strength=0.7):
     """What the loaded file adds to one layer's output at ``strength``, on a random input."""
     module = base.unet if part == "unet" else base.text_encoder
     layer_path = path if part == "unet" else path
-    lora_io.load_into(base.unet, base.text_encoder, tensors, source="test")
+    kohya_io.load_into(base.unet, base.text_encoder, tensors, source="test")
     try:
         lora_io.set_strength(base.unet, base.text_encoder, strength)
         layer = module.get_submodule(layer_path)
@@ -123,17 +125,17 @@ def _peft_unet_file(base, tmp_path, alpha=8, rank=4):
         with torch.no_grad():
             expected = layer(x) - layer.get_base_layer()(x)
     finally:
-        lora_io._remove_one(base.unet)
+        lora_io.remove_one(base.unet)
     return tmp_path / "pytorch_lora_weights.safetensors", x, expected
 
 
 def test_a_diffusers_file_applies_as_peft_applied_it(base, tmp_path):
     path, x, expected = _peft_unet_file(base, tmp_path, alpha=8, rank=4)
-    tensors, meta = lora_io.read_kohya(path)
+    tensors, meta = kohya_io.read_kohya(path)
     assert lora_formats.detect(tensors) == "diffusers" and all(k.startswith("unet.") for k in tensors)
     kohya, _ = lora_formats.to_kohya(tensors, meta, str(path))
     assert float(kohya[KOHYA[ATTN] + ".alpha"]) == 8.0  # from diffusers' adapter metadata, not the rank
-    lora_io.load_into(base.unet, base.text_encoder, kohya)
+    kohya_io.load_into(base.unet, base.text_encoder, kohya)
     try:
         layer = base.unet.get_submodule(ATTN)
         with torch.no_grad():
@@ -152,7 +154,7 @@ def test_a_diffusers_file_applies_as_peft_applied_it(base, tmp_path):
 
 
 def test_checkpoint_folders_of_diffusers_training_are_epochs_in_order(base, tmp_path):
-    from lora_lab.evaluate import list_lora_files
+    from lora_lab.evaluate.run import list_lora_files
 
     path, _, _ = _peft_unet_file(base, tmp_path / "src")
     run = tmp_path / "run"
@@ -197,14 +199,14 @@ def test_dora_applies_comfyuis_merge_linearly_in_strength(base, axis):
     assert lora_formats.detect(t) == "dora"
     raw, fmt = lora_formats.to_kohya(t, {}, "dora.safetensors")
     assert fmt == "dora" and raw is t  # converted once the base is loaded
-    kohya = lora_formats.dora_to_kohya(t, lambda n: lora_io.base_weight(base.unet, base.text_encoder, n), "d")
+    kohya = lora_formats.dora_to_kohya(t, lambda n: kohya_io.base_weight(base.unet, base.text_encoder, n), "d")
     change = _comfy_dora(w, down, up, 2.0, m) - w
     for strength in (1.0, 0.4):  # ComfyUI and A1111: W + strength * (W' - W)
         x, delta, layer = _applied_delta(base, kohya, ATTN, strength=strength)
         torch.testing.assert_close(delta, _expected(x, change, layer, strength), atol=1e-5, rtol=1e-4)
     with pytest.raises(LoraLabError, match="match no layer of this base model"):
         lora_formats.dora_to_kohya({f"lora_unet_nope.{k.split('.', 1)[1]}": v for k, v in t.items()},
-                                   lambda n: lora_io.base_weight(base.unet, base.text_encoder, n), "d")
+                                   lambda n: kohya_io.base_weight(base.unet, base.text_encoder, n), "d")
 
 
 def test_a_converted_key_that_matches_no_layer_stops_with_its_name(base):
@@ -214,7 +216,7 @@ def test_a_converted_key_that_matches_no_layer_stops_with_its_name(base):
          "lora_unet_input_blocks_4_1_proj_in.hada_w2_b": torch.zeros(2, 8)}
     kohya, _ = lora_formats.to_kohya(t, {}, "sdxl_loha.safetensors")
     with pytest.raises(LoraLabError, match="first: lora_unet_input_blocks_4_1_proj_in"):
-        lora_io.load_into(base.unet, base.text_encoder, kohya, source="sdxl_loha.safetensors")
+        kohya_io.load_into(base.unet, base.text_encoder, kohya, source="sdxl_loha.safetensors")
 
 
 def test_evaluate_renders_scores_and_judges_loha_and_diffusers_folders(base, cache_dir, demo_dir, tmp_path):
@@ -224,8 +226,8 @@ def test_evaluate_renders_scores_and_judges_loha_and_diffusers_folders(base, cac
 
     from conftest import make_config
     from lora_lab.config import ClipScorerConfig, EvalConfig, FaceScorerConfig
-    from lora_lab.data import load_dataset
-    from lora_lab.evaluate import evaluate
+    from lora_lab.data.dataset import load_dataset
+    from lora_lab.evaluate.run import evaluate
 
     cfg = make_config(cache_dir, tmp_path / "out")
     cfg.eval = EvalConfig(strengths=[0.0, 1.0], steps=2, seeds=[3], max_prompts=1, size=32,

@@ -6,8 +6,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from lora_lab import lora_io
 from lora_lab.config import TrainConfig
+from lora_lab.lora import adapters as lora_io
+from lora_lab.lora import kohya as kohya_io
 
 
 def _randomise(module):
@@ -39,9 +40,9 @@ def _trained_file(tiny_dir, tmp_path, cfg):
     _randomise(pipe.unet)
     _randomise(pipe.text_encoder)
     expected = _unet_out(pipe)
-    tensors = lora_io.kohya_state_dict(pipe.unet, pipe.text_encoder if cfg.trains_text_encoder else None)
+    tensors = kohya_io.kohya_state_dict(pipe.unet, pipe.text_encoder if cfg.trains_text_encoder else None)
     path = tmp_path / "lora.safetensors"
-    lora_io.save_kohya(path, tensors, lora_io.kohya_metadata(ss_network_dim=cfg.network_dim))
+    kohya_io.save_kohya(path, tensors, kohya_io.kohya_metadata(ss_network_dim=cfg.network_dim))
     lora_io.detach(pipe.unet, pipe.text_encoder)
     base_out = _unet_out(pipe)
     return path, expected, base_out
@@ -126,7 +127,7 @@ def test_files_get_the_users_usual_permissions(tmp_path):
     os.umask(mask)
     assert FILE_MODE == 0o666 & ~mask
     path = tmp_path / "lora.safetensors"
-    lora_io.save_kohya(path, {"lora_unet_x.alpha": torch.tensor(1.0)}, {"ss_network_dim": "4"})
+    kohya_io.save_kohya(path, {"lora_unet_x.alpha": torch.tensor(1.0)}, {"ss_network_dim": "4"})
     atomic_write_text(tmp_path / "trial.json", "{}")
     for p in (path, tmp_path / "trial.json"):
         assert stat.S_IMODE(p.stat().st_mode) == FILE_MODE

@@ -14,10 +14,10 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from lora_lab.builtin import preset_folder
 from lora_lab.config import ModelConfig
 from lora_lab.errors import ModelError
-from lora_lab.models import load_base, resolve_source
+from lora_lab.models.base import load_base, resolve_source
+from lora_lab.models.builtin import preset_folder
 
 CPU = torch.device("cpu")
 
@@ -66,7 +66,7 @@ def test_hub_id_loads_from_the_local_hub_cache_offline(tiny_dir, tmp_path):
     (tmp_path / "hub" / "models--someone--tiny-sd" / "refs").mkdir()
     (tmp_path / "hub" / "models--someone--tiny-sd" / "refs" / "main").write_text("a" * 40)
     code = (
-        "import torch; from lora_lab.config import ModelConfig; from lora_lab.models import load_base;"
+        "import torch; from lora_lab.config import ModelConfig; from lora_lab.models.base import load_base;"
         f"b = load_base(ModelConfig(pretrained='someone/tiny-sd', builtin=None), {str(tmp_path)!r}, torch.device('cpu'));"
         "print('loaded', b.source, sum(p.numel() for p in b.unet.parameters()))"
     )

@@ -20,9 +20,10 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from lora_lab import leaderboard, sweep
 from lora_lab.cli import compose
 from lora_lab.errors import LoraLabError
+from lora_lab.report import leaderboard
+from lora_lab.sweep import run as sweep
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -72,7 +73,9 @@ def test_sigkill_mid_trial_then_resume(tmp_path, cache_dir, demo_dir):
 
 
 def test_nan_oom_and_scorer_errors_fail_only_their_trial(tmp_path, cache_dir, demo_dir, monkeypatch):
-    from lora_lab import cache, scores, train as train_mod
+    from lora_lab.evaluate import scores
+    from lora_lab.train import cache
+    from lora_lab.train import loop as train_mod
 
     calls = {"n": 0}
     real_latents, real_loop, real_score = cache.cache_latents, train_mod._loop, scores.Scorer.score
@@ -113,9 +116,9 @@ def test_nan_oom_and_scorer_errors_fail_only_their_trial(tmp_path, cache_dir, de
 
 
 def test_full_disk_stops_the_sweep_clearly_and_resumes(tmp_path, cache_dir, demo_dir, monkeypatch):
-    from lora_lab import lora_io
+    from lora_lab.lora import kohya as kohya_io
 
-    real = lora_io.atomic_save
+    real = kohya_io.atomic_save
     state = {"raised": False}
 
     def full(*a, **k):
@@ -124,11 +127,11 @@ def test_full_disk_stops_the_sweep_clearly_and_resumes(tmp_path, cache_dir, demo
             raise OSError(errno.ENOSPC, "No space left on device")
         return real(*a, **k)
 
-    monkeypatch.setattr(lora_io, "atomic_save", full)
+    monkeypatch.setattr(kohya_io, "atomic_save", full)
     cfg = compose(_overrides(tmp_path, cache_dir))
     with pytest.raises(LoraLabError, match=r"No space left on device\. Free some space .* run the same command again"):
         sweep.run(cfg)
-    monkeypatch.setattr(lora_io, "atomic_save", real)
+    monkeypatch.setattr(kohya_io, "atomic_save", real)
     table = sweep.run(cfg)
     assert len(table) == 2 and set(table.state) == {"complete"} and set(table["train.network_dim"]) == {2, 4}
 

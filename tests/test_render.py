@@ -7,12 +7,13 @@ import pytest
 import torch
 from PIL import Image
 
-from lora_lab import lora_io
 from lora_lab.config import TrainConfig
 from lora_lab.errors import ConfigError, LoraLabError
-from lora_lab.grids import draw_grid
-from lora_lab.render import SAMPLERS, RenderSettings, infotext, make_scheduler
-from lora_lab.sample_strengths import SampleStrengths
+from lora_lab.evaluate.grids import draw_grid
+from lora_lab.evaluate.infotext import SAMPLERS, RenderSettings, infotext, make_scheduler
+from lora_lab.lora import adapters as lora_io
+from lora_lab.lora import kohya as kohya_io
+from lora_lab.lora.strengths import SampleStrengths
 
 
 def _random_lora(pipe, seed, conv=True):
@@ -25,7 +26,7 @@ def _random_lora(pipe, seed, conv=True):
             for name, p in module.named_parameters():
                 if "lora_" in name:
                     p.copy_(torch.randn(p.shape, generator=g) * 0.1)
-    tensors = lora_io.kohya_state_dict(pipe.unet, pipe.text_encoder)
+    tensors = kohya_io.kohya_state_dict(pipe.unet, pipe.text_encoder)
     lora_io.detach(pipe.unet, pipe.text_encoder)
     return tensors
 
@@ -47,7 +48,7 @@ def test_strength_is_linear_on_attention_and_conv_layers_and_zero_is_base(base):
     pipe = base.pipe
     tensors = _random_lora(pipe, 1)
     base_out = _unet_out(pipe)
-    lora_io.load_into(pipe.unet, pipe.text_encoder, tensors)
+    kohya_io.load_into(pipe.unet, pipe.text_encoder, tensors)
     try:
         for name, x in (("down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q", torch.randn(2, 5, 32)),
                         ("down_blocks.0.resnets.0.conv1", torch.randn(1, 32, 8, 8))):
@@ -74,19 +75,19 @@ def test_hot_swap_equals_a_fresh_load(base, tiny_dir):
     pipe = base.pipe
     a, b = _random_lora(pipe, 1), _random_lora(pipe, 2)
     try:
-        lora_io.load_into(pipe.unet, pipe.text_encoder, a)
+        kohya_io.load_into(pipe.unet, pipe.text_encoder, a)
         out_a = _unet_out(pipe)
-        lora_io.load_into(pipe.unet, pipe.text_encoder, b)  # same layout: weights copied in place
+        kohya_io.load_into(pipe.unet, pipe.text_encoder, b)  # same layout: weights copied in place
         swapped = _unet_out(pipe)
     finally:
         lora_io.detach(pipe.unet, pipe.text_encoder)
     fresh = StableDiffusionPipeline.from_pretrained(tiny_dir, safety_checker=None, requires_safety_checker=False)
-    lora_io.load_into(fresh.unet, fresh.text_encoder, b)
+    kohya_io.load_into(fresh.unet, fresh.text_encoder, b)
     assert torch.equal(swapped, _unet_out(fresh))
     assert not torch.equal(out_a, swapped)
     # A file with another layout (no conv layers) replaces the adapter instead.
     c = _random_lora(pipe, 3, conv=False)
-    lora_io.load_into(fresh.unet, fresh.text_encoder, c)
+    kohya_io.load_into(fresh.unet, fresh.text_encoder, c)
     assert not any("resnets.0.conv1.lora" in n for n, _ in fresh.unet.named_parameters())
 
 
@@ -94,7 +95,7 @@ def test_foreign_lora_is_refused(base):
     tensors = {"lora_unet_input_blocks_1_1_proj_in.lora_down.weight": torch.zeros(4, 32),
                "lora_unet_input_blocks_1_1_proj_in.lora_up.weight": torch.zeros(32, 4)}
     with pytest.raises(LoraLabError, match="1 LoRA layers match no layer of this base model"):
-        lora_io.load_into(base.unet, base.text_encoder, tensors, source="sdxl.safetensors")
+        kohya_io.load_into(base.unet, base.text_encoder, tensors, source="sdxl.safetensors")
 
 
 @pytest.mark.parametrize("name", sorted(SAMPLERS))
@@ -128,7 +129,7 @@ def test_infotext_is_a1111_parameters():
 def test_samplers_use_a1111_19s_automatic_schedule_and_say_it():
     """A1111 1.9+ gives DPM++ 2M, DPM++ SDE, DPM2 and DPM2 a Karras sigmas and DPM++ 2M SDE
     exponential ones when the schedule is Automatic; the others keep the model's own."""
-    from lora_lab.render import a1111_sampler
+    from lora_lab.evaluate.infotext import a1111_sampler
 
     expected = {"DPM++ 2M": "Karras", "DPM++ SDE": "Karras", "DPM2": "Karras", "DPM2 a": "Karras",
                 "DPM++ 2M SDE": "Exponential", "DPM++ 2M Karras": "Karras", "DPM++ 2M SDE Karras": "Karras",
@@ -146,7 +147,7 @@ def test_samplers_use_a1111_19s_automatic_schedule_and_say_it():
 def test_a1111_model_name_and_hash_of_the_checkpoint(tmp_path):
     import hashlib
 
-    from lora_lab.models import checkpoint_identity
+    from lora_lab.models.base import checkpoint_identity
 
     ckpt = tmp_path / "counterfeit-v3.safetensors"
     ckpt.write_bytes(b"weights" * 1000)
@@ -184,7 +185,7 @@ def test_batched_strengths_equal_one_at_a_time(base, cfg_scale):
     tensors = _random_lora(pipe, 4)
     strengths, seeds = [0.0, 0.5, 1.0, 1.5], [11, 12, 13, 14]
     base_images = _pipe_images(pipe, 4, seeds, cfg_scale)
-    lora_io.load_into(pipe.unet, pipe.text_encoder, tensors)
+    kohya_io.load_into(pipe.unet, pipe.text_encoder, tensors)
     try:
         single = []
         for s, seed in zip(strengths, seeds):
@@ -204,7 +205,7 @@ def test_batched_strengths_equal_one_at_a_time(base, cfg_scale):
 
 def test_sample_strengths_refuse_a_batch_they_do_not_describe(base):
     pipe = base.pipe
-    lora_io.load_into(pipe.unet, pipe.text_encoder, _random_lora(pipe, 5))
+    kohya_io.load_into(pipe.unet, pipe.text_encoder, _random_lora(pipe, 5))
     try:
         with SampleStrengths(pipe.unet, pipe.text_encoder) as per_sample:
             per_sample.set([1.0, 0.5, 0.0])
@@ -217,7 +218,7 @@ def test_sample_strengths_refuse_a_batch_they_do_not_describe(base):
 
 
 def test_auto_batch_size_from_free_memory():
-    from lora_lab.render import AUTO_MAX_BATCH, MEMORY_SHARE, auto_batch_size
+    from lora_lab.evaluate.render import AUTO_MAX_BATCH, MEMORY_SHARE, auto_batch_size
 
     gib = 2**30
     assert auto_batch_size(None, 100 * gib) == 8  # unmeasured: a safe default
@@ -227,9 +228,9 @@ def test_auto_batch_size_from_free_memory():
 
 
 def test_peak_memory_of_a_call_is_measured_on_cpu():
-    from lora_lab.render import _PeakMemory
+    from lora_lab.device import PeakMemory
 
-    with _PeakMemory(torch.device("cpu")) as peak:
+    with PeakMemory(torch.device("cpu")) as peak:
         block = torch.ones(128 * 2**20 // 4)  # 128 MiB, touched
         del block
     # Resident memory the allocator already held may serve part of it: at least half shows.
@@ -237,8 +238,8 @@ def test_peak_memory_of_a_call_is_measured_on_cpu():
 
 
 def test_render_batches_every_strength_of_an_epoch(base, tmp_path):
-    from lora_lab.render import render
-    from lora_lab.suite import Prompt
+    from lora_lab.data.suites import Prompt
+    from lora_lab.evaluate.render import render
 
     pipe = base.pipe
     files = [(1, tmp_path / "a-000001.safetensors", _random_lora(pipe, 6), {}),
@@ -281,12 +282,12 @@ def test_several_files_share_a_batch_and_each_image_matches_its_own_render(base,
     single = []
     try:
         for (tensors, s), seed in zip(plan, seeds):
-            lora_io.load_into(pipe.unet, pipe.text_encoder, tensors)
+            kohya_io.load_into(pipe.unet, pipe.text_encoder, tensors)
             lora_io.set_strength(pipe.unet, pipe.text_encoder, s)
             single.append(_pipe_images(pipe, 1, [seed], cfg_scale)[0])
         names = [lora_io.eval_adapter(0), lora_io.eval_adapter(1)]
-        lora_io.load_into(pipe.unet, pipe.text_encoder, first, adapter=names[0])
-        lora_io.load_into(pipe.unet, pipe.text_encoder, second, adapter=names[1])
+        kohya_io.load_into(pipe.unet, pipe.text_encoder, first, adapter=names[0])
+        kohya_io.load_into(pipe.unet, pipe.text_encoder, second, adapter=names[1])
         with SampleStrengths(pipe.unet, pipe.text_encoder, names) as per_sample:
             per_sample.set([s for _, s in plan], [names[0], names[0], names[1], names[0]])
             batched = _pipe_images(pipe, 4, seeds, cfg_scale)
@@ -300,8 +301,8 @@ def test_several_files_share_a_batch_and_each_image_matches_its_own_render(base,
 
 
 def test_render_puts_several_epochs_in_one_call_when_the_batch_holds_them(base, tmp_path):
-    from lora_lab.render import render
-    from lora_lab.suite import Prompt
+    from lora_lab.data.suites import Prompt
+    from lora_lab.evaluate.render import render
 
     pipe = base.pipe
     files = [(e, tmp_path / f"a-00000{e}.safetensors", _random_lora(pipe, 10 + e), {}) for e in (1, 2, 3)]

@@ -6,8 +6,8 @@ import re
 import subprocess
 import sys
 
-from lora_lab.report import build_report
-from lora_lab.tb import read_scalars
+from lora_lab.report.study import build_report
+from lora_lab.report.tensorboard import read_scalars
 
 
 def test_tensorboard_run_per_trial_with_scores_grids_and_hparams(script_study):

@@ -10,9 +10,9 @@ import shutil
 
 from PIL import Image
 
-from lora_lab import report
-from lora_lab.report import build_report
-from lora_lab.report_front import progress, progress_text
+from lora_lab.report import study as report
+from lora_lab.report.front import progress, progress_text
+from lora_lab.report.study import build_report
 
 
 def _ids(html: str, table_id: str) -> str:
@@ -103,8 +103,8 @@ def test_an_unchanged_trial_page_is_reused_not_redrawn(script_study, tmp_path, m
 
 
 def test_the_report_is_rewritten_after_every_trial(tmp_path, cache_dir, demo_dir, monkeypatch):
-    from lora_lab import sweep
     from lora_lab.cli import compose
+    from lora_lab.sweep import run as sweep
 
     seen = []
     original = report.build_report

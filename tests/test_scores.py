@@ -11,7 +11,7 @@ from PIL import Image
 
 from lora_lab.config import ClipScorerConfig, FaceScorerConfig
 from lora_lab.errors import ConfigError
-from lora_lab.scores import RANDOM_NOTE, Scorer, diversity
+from lora_lab.evaluate.scores import RANDOM_NOTE, Scorer, diversity
 
 TINY_CLIP = ClipScorerConfig(model="lora-lab-tiny-clip", pretrained=None)
 

@@ -17,13 +17,15 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from conftest import make_config
-from lora_lab import cache, lora_io
 from lora_lab.config import ModelConfig, TrainConfig
-from lora_lab.buckets import BucketSpec, place
-from lora_lab.data import load_dataset
+from lora_lab.data.buckets import BucketSpec, place
+from lora_lab.data.dataset import load_dataset
 from lora_lab.errors import LoraLabError, ModelError, TrainingError
-from lora_lab.models import load_base
-from lora_lab.train import train
+from lora_lab.lora import adapters as lora_io
+from lora_lab.lora import kohya as kohya_io
+from lora_lab.models.base import load_base
+from lora_lab.train import cache
+from lora_lab.train.loop import train
 
 sys.path.insert(0, str(Path(__file__).parent))
 from ldm_export import to_ldm, to_sgm_xl  # noqa: E402
@@ -81,7 +83,7 @@ def test_an_sdxl_folder_under_an_sd_model_is_refused(xl_dir, tiny_dir, tmp_path)
 def test_sdxl_preset_ships_the_real_architecture(tmp_path):
     from diffusers import UNet2DConditionModel
 
-    from lora_lab.builtin import preset_folder
+    from lora_lab.models.builtin import preset_folder
 
     folder = preset_folder("sdxl", tmp_path)
     config = UNet2DConditionModel.load_config(folder / "unet")
@@ -112,7 +114,7 @@ def test_file_keys_are_the_original_checkpoints_layer_names(xl_dir, xl_file):
     pipe = StableDiffusionXLPipeline.from_pretrained(xl_dir)
     cfg = TrainConfig(network_dim=4, network_alpha=2.0, conv_dim=2, conv_alpha=1.0, text_encoder_lr=1e-4)
     encoders = _attach_random(pipe, cfg)
-    tensors = lora_io.kohya_state_dict(pipe.unet, encoders)
+    tensors = kohya_io.kohya_state_dict(pipe.unet, encoders)
     with safe_open(str(xl_file), framework="pt") as fh:
         ckpt = {k: fh.get_slice(k).get_shape() for k in fh.keys()}
     modules = {k[len("model."):-len(".weight")].replace(".", "_"): shape for k, shape in ckpt.items()
@@ -158,7 +160,7 @@ def test_diffusers_load_lora_weights_reproduces_the_trained_output(xl_dir, tmp_p
     with torch.no_grad():
         expected = _unet_out(pipe)
     path = tmp_path / "xl.safetensors"
-    lora_io.save_kohya(path, lora_io.kohya_state_dict(pipe.unet, encoders), {"ss_network_dim": "4"})
+    kohya_io.save_kohya(path, kohya_io.kohya_state_dict(pipe.unet, encoders), {"ss_network_dim": "4"})
     lora_io.detach(pipe.unet, encoders)
     with torch.no_grad():
         base_out = _unet_out(pipe)
@@ -169,7 +171,7 @@ def test_diffusers_load_lora_weights_reproduces_the_trained_output(xl_dir, tmp_p
         got = _unet_out(fresh)
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)
     # ... and our own loader (the evaluation's) puts it back the same way.
-    lora_io.load_into(pipe.unet, encoders, load_file(path))
+    kohya_io.load_into(pipe.unet, encoders, load_file(path))
     with torch.no_grad():
         torch.testing.assert_close(_unet_out(pipe), expected, atol=1e-5, rtol=1e-4)
     lora_io.unload(pipe.unet, encoders)
@@ -224,11 +226,11 @@ def test_sd15_lora_on_sdxl_says_so(xl_base, base):
     cfg = TrainConfig(network_dim=2, network_alpha=1.0)
     lora_io.attach(base.unet, base.text_encoder, cfg)
     try:
-        sd15 = lora_io.kohya_state_dict(base.unet)
+        sd15 = kohya_io.kohya_state_dict(base.unet)
     finally:
         lora_io.detach(base.unet, base.text_encoder)
     with pytest.raises(LoraLabError, match="its layer names are SD 1.x / 2.x's; this base model is SDXL"):
-        lora_io.load_into(xl_base.unet, xl_base.text_encoders, sd15, source="sd15.safetensors")
+        kohya_io.load_into(xl_base.unet, xl_base.text_encoders, sd15, source="sd15.safetensors")
 
 
 def test_second_text_encoder_rate_needs_sdxl(base, cache_dir, tmp_path):
@@ -283,7 +285,7 @@ def test_a_diffusers_sdxl_file_with_both_text_encoders_applies(xl_base, tmp_path
     from diffusers import StableDiffusionXLPipeline
     from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model
 
-    from lora_lab import lora_formats
+    from lora_lab.lora import formats as lora_formats
 
     parts = {"unet": (xl_base.unet, ["to_q", "to_v"]), "text_encoder": (xl_base.text_encoders[0], ["q_proj"]),
              "text_encoder_2": (xl_base.text_encoders[1], ["k_proj", "fc1"])}
@@ -303,16 +305,16 @@ def test_a_diffusers_sdxl_file_with_both_text_encoders_applies(xl_base, tmp_path
                 expected[part] = layer(x[part]) - layer.get_base_layer()(x[part])
     finally:
         for module, _ in parts.values():
-            lora_io._remove_one(module)
+            lora_io.remove_one(module)
     StableDiffusionXLPipeline.save_lora_weights(
         tmp_path, unet_lora_layers=layers["unet"], text_encoder_lora_layers=layers["text_encoder"],
         text_encoder_2_lora_layers=layers["text_encoder_2"], **{f"{part}_lora_adapter_metadata": cfgs[part].to_dict()
                                                                 for part in parts})
-    tensors, meta = lora_io.read_kohya(tmp_path / "pytorch_lora_weights.safetensors")
+    tensors, meta = kohya_io.read_kohya(tmp_path / "pytorch_lora_weights.safetensors")
     assert any(k.startswith("text_encoder_2.") for k in tensors)
     kohya, fmt = lora_formats.to_kohya(tensors, meta, "xl.safetensors")
     assert fmt == "diffusers"
-    lora_io.load_into(xl_base.unet, xl_base.text_encoders, kohya)
+    kohya_io.load_into(xl_base.unet, xl_base.text_encoders, kohya)
     try:
         for part, (module, _) in parts.items():
             layer = module.get_submodule(probe[part])
@@ -349,7 +351,7 @@ def test_fp32_decode_gives_the_pipelines_own_image(xl_base):
     outside it (render.decode_fp32); on a CPU both are fp32, so the pixels must agree."""
     import numpy as np
 
-    from lora_lab.render import decode_fp32
+    from lora_lab.evaluate.render import decode_fp32
 
     args = dict(prompt=["photo of sks woman"], num_inference_steps=2, height=32, width=32, guidance_scale=5.0)
     with torch.no_grad():
@@ -362,7 +364,7 @@ def test_fp32_decode_gives_the_pipelines_own_image(xl_base):
 
 
 def test_inspect_an_sdxl_file_against_both_architectures(xl_trained, xl_base, base):
-    from lora_lab.inspect import inspect
+    from lora_lab.lora.inspect import inspect
 
     path = xl_trained[0].lora_files[1]
     on_xl = inspect(path, xl_base)

@@ -19,12 +19,12 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from conftest import make_config
-from lora_lab import lora_io
 from lora_lab.config import ModelConfig
-from lora_lab.data import load_dataset
+from lora_lab.data.dataset import load_dataset
 from lora_lab.errors import ModelError
-from lora_lab.models import load_base
-from lora_lab.train import train
+from lora_lab.lora import kohya as kohya_io
+from lora_lab.models.base import load_base
+from lora_lab.train.loop import train
 
 sys.path.insert(0, str(Path(__file__).parent))
 from ldm_export import to_sgm_xl  # noqa: E402
@@ -57,7 +57,7 @@ def full_file(tmp_path_factory):
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-    from lora_lab.builtin import PRESETS_DIR
+    from lora_lab.models.builtin import PRESETS_DIR
 
     preset = PRESETS_DIR / "sdxl"
     pipe = SimpleNamespace(
@@ -99,5 +99,5 @@ def test_a_full_size_sdxl_file_loads_refuses_and_trains(full_file, cache_dir, tm
     assert "lora_unet_middle_block_1_transformer_blocks_9_ff_net_2" in names
     assert "lora_unet_output_blocks_2_1_transformer_blocks_9_attn2_to_out_0" in names
     assert meta["ss_base_model_version"] == "sdxl_base_v1-0" and meta["ss_resolution"] == "(128, 128)"
-    index = lora_io._module_index(base.unet, base.text_encoders)
+    index = kohya_io.module_index(base.unet, base.text_encoders)
     assert "lora_te2_text_model_encoder_layers_31_mlp_fc2" in index

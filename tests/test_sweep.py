@@ -5,19 +5,21 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-from importlib.metadata import version
 import sys
+from importlib.metadata import version
 
 import pandas as pd
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from lora_lab import leaderboard, sweep
-from lora_lab import trial as trial_mod
 from lora_lab.cli import compose
 from lora_lab.config import conf_dir
 from lora_lab.errors import ConfigError
+from lora_lab.report import leaderboard
+from lora_lab.sweep import run as sweep
+from lora_lab.sweep import trial as trial_mod
+from lora_lab.sweep.study import make_pruner, open_study, suggest
 
 SWEEPS = sorted(p.stem for p in (conf_dir() / "sweep").glob("*.yaml"))
 
@@ -159,7 +161,7 @@ def test_pruning_stops_hopeless_trials(tmp_path, cache_dir, demo_dir, monkeypatc
 
 def test_the_pruners_check_uses_several_prompts_seeds_and_the_objectives_strengths(tmp_path, cache_dir, demo_dir,
                                                                                   monkeypatch):
-    from lora_lab import evaluate as evaluate_mod
+    from lora_lab.evaluate import run as evaluate_mod
 
     seen = []
     real = evaluate_mod.evaluate
@@ -186,7 +188,7 @@ def test_pruner_settings_build_optunas_pruners():
 
     cfg = compose(["+sweep=smoke", "sweep.pruner=percentile", "sweep.pruner_percentile=30",
                    "sweep.pruner_warmup_epochs=2", "sweep.pruner_patience=1"])
-    pruner = sweep.make_pruner(cfg.sweep)
+    pruner = make_pruner(cfg.sweep)
     assert isinstance(pruner, optuna.pruners.PatientPruner)
     inner = pruner._wrapped_pruner
     assert isinstance(inner, optuna.pruners.PercentilePruner)
@@ -195,7 +197,7 @@ def test_pruner_settings_build_optunas_pruners():
         compose(["+sweep=smoke", "sweep.pruner_percentile=100"])
     # One warm-up epoch: a hopeless trial survives epoch 1 and is pruned at epoch 2.
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    study = optuna.create_study(direction="maximize", pruner=sweep.make_pruner(
+    study = optuna.create_study(direction="maximize", pruner=make_pruner(
         compose(["+sweep=smoke", "sweep.pruner=median", "sweep.pruner_warmup_epochs=1"]).sweep))
     for _ in range(2):
         good = study.ask()
@@ -244,16 +246,16 @@ def test_dead_worker_trial_is_retried_once(tmp_path, cache_dir, demo_dir):
     cfg = _cfg(tmp_path, cache_dir)
     study_dir = tmp_path / "smoke"
     study_dir.mkdir()
-    study = sweep._study(cfg.sweep, study_dir)
+    study = open_study(cfg.sweep, study_dir)
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
     trial = study.ask()
-    params = sweep._suggest(trial, cfg.sweep)
+    params = suggest(trial, cfg.sweep)
     trial.set_user_attr("host", __import__("socket").gethostname())
     trial.set_user_attr("pid", dead.pid)  # a worker that no longer exists, mid-trial
     table = sweep.run(cfg)
     assert len(table) == 2 and set(table.state) == {"complete"}
-    states = [t.state for t in sweep._study(cfg.sweep, study_dir).get_trials()]
+    states = [t.state for t in open_study(cfg.sweep, study_dir).get_trials()]
     assert states.count(TrialState.FAIL) == 1 and states.count(TrialState.COMPLETE) == 2
     retried = json.loads((study_dir / f"trial_{trial.number}" / "trial.json").read_text())
     assert retried["state"] == "retried" and retried["params"] == params

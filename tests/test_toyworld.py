@@ -7,16 +7,15 @@ import re
 from collections import Counter
 
 import numpy as np
-from PIL import Image
 import pytest
+from PIL import Image
 
 from lora_lab.config import DataConfig
-from lora_lab.data import load_dataset
+from lora_lab.data.dataset import load_dataset
+from lora_lab.data.suites import load_suite
 from lora_lab.errors import ConfigError
-from lora_lab.suite import load_suite
 from lora_lab.toyworld import subjects
-from lora_lab.toyworld.world import (EYE_COLOURS, HAIR_COLOURS, Attributes, caption, draw, is_subject_identity,
-                                     sample)
+from lora_lab.toyworld.world import EYE_COLOURS, HAIR_COLOURS, Attributes, caption, draw, is_subject_identity, sample
 
 
 def _plain(**kw) -> Attributes:

@@ -11,8 +11,9 @@ import pytest
 import torch
 from PIL import Image
 
+from lora_lab.bench import truth_rules as truth
 from lora_lab.config import ClipScorerConfig, JudgeConfig, ModelConfig
-from lora_lab.toyworld import assets, nets, pretrain, quality, subjects, truth, world
+from lora_lab.toyworld import assets, nets, pretrain, quality, subjects, world
 
 
 def test_text_encoder_conversion_gives_the_same_hidden_states():
@@ -129,8 +130,8 @@ def test_smoke_pretrain_writes_float16_weights_and_a_manifest(smoke_weights):
 
 
 def test_weights_load_as_a_diffusers_folder_and_a_clip_scorer(smoke_weights, tmp_path, monkeypatch):
-    from lora_lab.models import load_base
-    from lora_lab.scores import ClipEmbedder
+    from lora_lab.models.base import load_base
+    from lora_lab.models.scorers import ClipEmbedder
 
     monkeypatch.setenv(assets.WEIGHTS_ENV, str(smoke_weights))
     base = load_base(ModelConfig(name="toyworld", builtin="toyworld", resolution=32), tmp_path, torch.device("cpu"))
@@ -236,7 +237,7 @@ def test_shipped_readout_reads_held_out_drawings():
                                             ("mark", "photo of a person, a {} on the cheek"),
                                             ("background", "photo of a person, on a {} background")])
 def test_shipped_clip_scores_the_caption_that_fits_highest(name, template):
-    from lora_lab.scores import ClipEmbedder
+    from lora_lab.models.scorers import ClipEmbedder
 
     clip = ClipEmbedder(ClipScorerConfig(model=nets.CLIP_NAME, pretrained=assets.CLIP_TAG), torch.device("cpu"))
     assert not clip.random and clip.source == f"{nets.CLIP_NAME}/{assets.CLIP_TAG}"

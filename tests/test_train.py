@@ -12,9 +12,10 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from conftest import make_config
-from lora_lab.data import load_dataset
+from lora_lab.data.dataset import load_dataset
 from lora_lab.errors import TrainingError
-from lora_lab.train import check_environment, train
+from lora_lab.train.loop import train
+from lora_lab.train.optimizers import check_environment
 
 
 def _run(base, cache_dir, out, **train_kw):
@@ -138,7 +139,7 @@ def test_files_record_the_library_versions_that_made_them(base, cache_dir, demo_
 
 
 def test_nan_loss_stops_with_step_and_epoch(base, cache_dir, demo_dir, tmp_path, monkeypatch):
-    from lora_lab import cache
+    from lora_lab.train import cache
 
     real = cache.cache_latents
 
@@ -179,9 +180,9 @@ def test_missing_optimizer_package_is_named(monkeypatch):
 def test_latent_cache_is_keyed_by_content_bucket_and_mirroring(base, cache_dir, demo_dir, tmp_path):
     from dataclasses import replace
 
-    from lora_lab.buckets import BucketSpec, place
-    from lora_lab.cache import cache_latents
-    from lora_lab.models import module_fingerprint
+    from lora_lab.data.buckets import BucketSpec, place
+    from lora_lab.models.base import module_fingerprint
+    from lora_lab.train.cache import cache_latents
 
     ds = load_dataset(make_config(cache_dir, tmp_path).data, cache_dir)
     root = tmp_path / "c"
@@ -203,7 +204,7 @@ def test_latent_cache_is_keyed_by_content_bucket_and_mirroring(base, cache_dir, 
     sid = ds.samples[0].id
     assert torch.equal(both[(sid, False)], first[(sid, False)])
     assert not torch.allclose(both[(sid, True)], both[(sid, False)], atol=1e-3)
-    from lora_lab.cache import image_tensor
+    from lora_lab.train.cache import image_tensor
 
     with torch.no_grad():  # it is the mirrored picture's latent
         expected = base.vae.encode(image_tensor(mirrored[0], square[sid], flip=True)[None]).latent_dist.parameters[0]
@@ -252,7 +253,7 @@ def test_training_without_caches_matches_training_with_them(base, cache_dir, dem
 def test_checkpoint_name_and_hashes_as_kohya_and_a1111_compute_them(tmp_path):
     import hashlib
 
-    from lora_lab.train_meta import checkpoint_fields
+    from lora_lab.train.metadata import checkpoint_fields
 
     blob = bytes(range(256)) * 8192  # 2 MiB
     ckpt = tmp_path / "anything-v3.safetensors"

@@ -9,7 +9,7 @@ import sys
 import pandas as pd
 import pytest
 
-from lora_lab.toyworld import truthbench
+from lora_lab.bench import truth as truthbench
 
 
 def test_wilson_interval_matches_the_textbook_values():

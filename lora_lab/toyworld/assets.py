@@ -67,7 +67,7 @@ def model_folder(cache_dir: Path, weights: Optional[Path] = None) -> Path:
         from diffusers import StableDiffusionPipeline
         from transformers import CLIPTokenizer
 
-        from lora_lab.builtin import write_clip_tokenizer
+        from lora_lab.models.builtin import write_clip_tokenizer
 
         vae = nets.make_vae()
         vae.load_state_dict(load_state("vae", weights))

@@ -1,7 +1,7 @@
 """The toy world's networks: the same classes as Stable Diffusion and CLIP, at a tiny size.
 
 - CLIP: an open_clip ``CLIP`` named ``lora-lab-toyworld-clip`` (config in
-  ``lora_lab/clip_configs``; a ModifiedResNet image tower, as OpenAI's RN50 CLIP, on the
+  ``lora_lab/models/clip_configs``; a ModifiedResNet image tower, as OpenAI's RN50 CLIP, on the
   drawings upscaled to 64 px, and a text transformer), so the CLIP scorer loads it with its
   ordinary code from a local checkpoint.
 - The text encoder of the diffusion model is that CLIP's text tower, converted to a
@@ -24,7 +24,7 @@ from lora_lab.toyworld import world
 
 RESOLUTION = world.SIZE
 CLIP_NAME = "lora-lab-toyworld-clip"  # the scorer; its text tower conditions the UNet
-CLIP_CONFIG = Path(__file__).resolve().parent.parent / "clip_configs" / f"{CLIP_NAME}.json"
+CLIP_CONFIG = Path(__file__).resolve().parents[1] / "models" / "clip_configs" / f"{CLIP_NAME}.json"
 
 
 def clip_config() -> dict:

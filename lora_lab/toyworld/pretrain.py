@@ -385,7 +385,7 @@ def pretrain(plan: Plan, work: Path, weights: Path, command: str = "") -> dict:
     """Run (or resume) every stage; write float16 weights and ``manifest.json`` to ``weights``."""
     from transformers import CLIPTokenizer
 
-    from lora_lab.builtin import write_clip_tokenizer
+    from lora_lab.models.builtin import write_clip_tokenizer
 
     work.mkdir(parents=True, exist_ok=True)
     times: Dict[str, float] = {}

@@ -50,7 +50,7 @@ def clip_ranking(n: int = 500, seed: int = 7) -> Dict[str, float]:
     among :func:`ranking_captions`; and, per attribute, the share of one-attribute changes
     that score below the true caption (which small features the CLIP tells apart)."""
     from lora_lab.config import ClipScorerConfig
-    from lora_lab.scores import ClipEmbedder
+    from lora_lab.models.scorers import ClipEmbedder
 
     clip = ClipEmbedder(ClipScorerConfig(model=nets.CLIP_NAME, pretrained=assets.CLIP_TAG), torch.device("cpu"))
     rng = random.Random(f"ranking/{seed}")
@@ -85,8 +85,8 @@ def ranking_captions(a: world.Attributes, rng: random.Random, k: int = 10, with_
 def base_pipe(cache_dir: Path):
     """The toy world's base pipeline, loaded by lora_lab's own code, with A1111's ``Euler a``."""
     from lora_lab.config import ModelConfig
-    from lora_lab.models import load_base
-    from lora_lab.render import make_scheduler
+    from lora_lab.evaluate.render import make_scheduler
+    from lora_lab.models.base import load_base
 
     base = load_base(ModelConfig(name="toyworld", builtin="toyworld", resolution=nets.RESOLUTION), cache_dir,
                      torch.device("cpu"))
@@ -98,8 +98,8 @@ def prompt_following(pipe, n: int = 96, seed: int = 3, shapes: bool = False) -> 
     """The read-out's agreement with prompts naming hair colour, eye colour and background;
     with ``shapes``, prompts that also name the hair style and a cheek mark (not a bar of the
     issue, but what a LoRA of the subject needs: spiky hair and a star)."""
-    from lora_lab.render import RenderSettings, generate
-    from lora_lab.suite import Prompt
+    from lora_lab.data.suites import Prompt
+    from lora_lab.evaluate.render import RenderSettings, generate
 
     rng = random.Random(f"prompts/{seed}" + ("/shapes" if shapes else ""))
     names = PROMPTED + (SHAPES if shapes else ())

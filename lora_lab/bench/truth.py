@@ -1,0 +1,400 @@
+"""``python -m lora_lab.bench truth``: lora_lab's judgement against the toy world's ground truth.
+
+One study per subject (``truth_<subject>``: the settings of ``conf/sweep/truth.yaml``, every
+epoch evaluated, no pruning), then:
+
+1. the read-out looks at every rendered image (:mod:`lora_lab.toyworld.truth`): true verdicts,
+   true likeness and adherence, a true ranking of the cells;
+2. the judge's thresholds are chosen on the calibration subjects only (the best balanced
+   recall over a grid of candidates), and every figure is reported on the held-out subjects;
+3. the pruner's per-epoch check is replayed from the stored images: its rank correlation with
+   the trial's final objective, and what each pruner would have saved or lost (Optuna's own
+   pruners, fed the recorded values);
+4. the validation loss's pick of an epoch is compared with the true best epoch;
+5. ``disagreements.html`` shows every cell where lora_lab and the read-out part, with images.
+
+The figures land in ``<out>/truth.json`` (keys documented in the README), the studies, every
+cell's two verdicts and the disagreements page in ``<out>/truth/``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from dataclasses import asdict, replace
+from itertools import product
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import pandas as pd
+
+from lora_lab.bench import truth_rules as gt
+from lora_lab.config import JudgeConfig
+from lora_lab.evaluate.judge import aggregate, best_cell, judge
+from lora_lab.toyworld import assets, subjects
+
+CALIBRATION = ("sks", "vek", "mox")
+HELDOUT = ("qor", "lum", "dax")
+VERDICTS = ("underfit", "good", "overfit")
+TRUTH_RULES = JudgeConfig()  # what "truly underfit / overfit" means; never tuned
+# Judge settings tried on the calibration subjects; 1.0 turns a check off.
+CANDIDATES = {"underfit_gain": [0.1, 0.15, 0.2, 0.25, 0.3, 0.35, 0.4, 0.5],
+              "adherence_drop": [0.05, 0.1, 0.15, 0.2, 0.25, 0.3],
+              "diversity_drop": [0.5, 1.0], "copy_threshold": [0.95, 1.0]}
+_JUDGED = ["gain", "combined", "verdict", "reasons"]
+
+
+def wilson(hits: int, n: int) -> List[Optional[float]]:
+    """95% Wilson score interval of a proportion (None for n = 0)."""
+    if n == 0:
+        return [None, None]
+    z, p = 1.959964, hits / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return [round(max(0.0, centre - half), 4), round(min(1.0, centre + half), 4)]
+
+
+def _share(hits: int, n: int) -> dict:
+    return {"value": round(hits / n, 4) if n else None, "ci95": wilson(hits, n), "n": int(n)}
+
+
+def run_studies(args, names: List[str]) -> float:
+    """One sweep per subject (resumed if it exists); returns the seconds spent."""
+    started = time.perf_counter()
+    for name in names:
+        cmd = [sys.executable, "-m", "lora_lab.sweep", "+sweep=truth", "model=toyworld", "data=toyworld",
+               f"data.subject={name}", f"sweep.name=truth_{name}", f"sweep.root={args.root}",
+               f"sweep.reports={args.root / 'reports'}", f"cache_dir={args.cache_dir}", *args.overrides]
+        print(f"subject {name}: " + " ".join(cmd[2:]), flush=True)
+        rc = subprocess.run(cmd, env={**os.environ, "HF_HUB_OFFLINE": "1"}).returncode
+        if rc != 0:
+            raise SystemExit(f"error: the truth sweep of subject {name} stopped (exit {rc}); its reason is above")
+    return time.perf_counter() - started
+
+
+def collect(root: Path, name: str, cache_dir: Path, readout) -> List[dict]:
+    """Every finished trial of one subject's study, with the read-out's truth."""
+    subject = subjects.load(name)
+    folder = subjects.data_folder(cache_dir, name)
+    refs = sorted((folder / subject.folder_name).glob("*.png"))
+    top = gt.ceiling(readout, refs, subject)
+    trials = []
+    study = root / f"truth_{name}"
+    for tdir in sorted(study.glob("trial_*"), key=lambda p: int(p.name.split("_")[1])):
+        if not (tdir / "verdict.json").exists():
+            continue
+        doc = json.loads((tdir / "verdict.json").read_text(encoding="utf-8"))
+        info = json.loads((tdir / "trial.json").read_text(encoding="utf-8"))
+        scores = pd.read_csv(tdir / "scores.csv")
+        read = gt.read_scores(scores, readout, Path.cwd(), subject)
+        agg = pd.read_csv(tdir / "scores_agg.csv").drop(columns=_JUDGED, errors="ignore")
+        trials.append({"subject": name, "trial": tdir.name, "dir": tdir, "params": info.get("params", {}),
+                       "duration_s": float(info.get("duration_s") or 0.0),
+                       "number": int(info["number"]), "scores": scores, "agg": agg,
+                       "ceiling": doc["ceiling"], "truth": gt.truth_cells(read, top, TRUTH_RULES),
+                       "validation_loss": {int(k): v for k, v in (info.get("validation_loss") or {}).items()},
+                       "kind": "object"})
+    return trials
+
+
+def judged_cells(trials: List[dict], cfg: JudgeConfig) -> tuple[pd.DataFrame, List[dict]]:
+    """Re-judge every trial with ``cfg``: (LoRA cells with both verdicts, one pick per trial)."""
+    tables, picks = [], []
+    for t in trials:
+        judged = judge(t["agg"], t["ceiling"], cfg)
+        best = best_cell(judged)
+        pick = None if best is None else {"epoch": int(best.epoch), "strength": float(best.strength)}
+        judged = judged.assign(reasons=judged.reasons.map("; ".join))  # one sentence per cell
+        result = gt.compare(judged, t["truth"], pick)
+        table = result["table"].merge(judged[gt.CELL + ["reasons", "combined"]], on=gt.CELL)
+        tables.append(table[table.strength != 0].assign(subject=t["subject"], trial=t["trial"]))
+        picks.append({"subject": t["subject"], "trial": t["trial"], "pick": pick, "rank": result["pick_rank"],
+                      "true_best": result["true_best"]})
+    cells = pd.concat(tables, ignore_index=True) if tables else pd.DataFrame()
+    return cells, picks
+
+
+def figures(cells: pd.DataFrame, picks: List[dict]) -> dict:
+    """Agreement, per-class counts / recall / precision and picks in the true top 3, with 95% intervals."""
+    n = len(cells)
+    out = {"cells": int(n), "trials": len(picks),
+           "agreement": _share(int((cells.verdict == cells.true_verdict).sum()) if n else 0, n),
+           "count": {}, "recall": {}, "precision": {}}
+    for v in VERDICTS:
+        true_v = cells[cells.true_verdict == v] if n else cells
+        said_v = cells[cells.verdict == v] if n else cells
+        out["count"][v] = int(len(true_v))
+        out["recall"][v] = _share(int((true_v.verdict == v).sum()), len(true_v))
+        out["precision"][v] = _share(int((said_v.true_verdict == v).sum()), len(said_v))
+    ranked = [p for p in picks if p["rank"] is not None]
+    out["picks_in_true_top3"] = _share(sum(1 for p in ranked if p["rank"] <= 3), len(picks))
+    out["confusion"] = {t: {v: int(((cells.true_verdict == t) & (cells.verdict == v)).sum()) for v in VERDICTS}
+                        for t in VERDICTS} if n else {}
+    return out
+
+
+def calibrate(trials: List[dict]) -> tuple[JudgeConfig, dict]:
+    """The candidate thresholds with the best balanced recall (ties: agreement) on ``trials``."""
+    best, best_key, tried = None, None, 0
+    for values in product(*CANDIDATES.values()):
+        cfg = replace(TRUTH_RULES, **dict(zip(CANDIDATES, values)))
+        cells, _ = judged_cells(trials, cfg)
+        tried += 1
+        recalls = [(cells[cells.true_verdict == v].verdict == v).mean() for v in VERDICTS
+                   if (cells.true_verdict == v).any()]
+        # Ties go to the candidate nearest lora_lab's defaults (the judge's shipped thresholds).
+        nearest = -sum(abs(getattr(cfg, k) - getattr(TRUTH_RULES, k)) for k in CANDIDATES)
+        key = (sum(recalls) / len(recalls) if recalls else 0.0, (cells.verdict == cells.true_verdict).mean(), nearest)
+        if best_key is None or key > best_key:
+            best, best_key = cfg, key
+    return best, {"candidates": CANDIDATES, "tried": tried, "balanced_recall": round(best_key[0], 4),
+                  "agreement": round(best_key[1], 4)}
+
+
+# The per-epoch check that feeds the pruner, replayed from the full evaluation's images: which
+# prompts (the first n of each kind), seeds and strengths it looks at.
+CHECKS = {
+    "before": {"max_prompts": 1, "seeds": 1, "strengths": [0.0, 1.0]},  # lora_lab up to 2026-12
+    "now": {"max_prompts": 2, "seeds": 2, "strengths": None},  # None: the evaluation's strengths
+}
+
+
+def check_values(t: dict, cfg: JudgeConfig, check: dict) -> Dict[int, float]:
+    """Epoch -> the check's objective (the best non-overfit cell's combined; 0 if none)."""
+    s = t["scores"]
+    keep = pd.Series(True, index=s.index)
+    for kind in ("likeness", "adaptability"):
+        prompts = list(dict.fromkeys(s[s.prompt_kind == kind].prompt))[: check["max_prompts"]]
+        keep &= (s.prompt_kind != kind) | s.prompt.isin(prompts)
+    seeds = sorted(s.seed.unique())[: check["seeds"]]
+    keep &= s.seed.isin(seeds)
+    if check["strengths"] is not None:
+        keep &= s.strength.isin(check["strengths"])
+    sub = s[keep]
+    out = {}
+    base = sub[sub.strength == 0]
+    for epoch in sorted(e for e in sub.epoch.unique() if e > 0):
+        cell = pd.concat([base, sub[sub.epoch == epoch]], ignore_index=True)
+        judged = judge(aggregate(cell, t["kind"]), t["ceiling"], cfg)
+        best = best_cell(judged)
+        out[int(epoch)] = 0.0 if best is None or pd.isna(best.combined) else float(best.combined)
+    return out
+
+
+def _spearman(a: List[float], b: List[float]) -> Optional[float]:
+    if len(a) < 3:
+        return None
+    r = pd.Series(a).rank().corr(pd.Series(b).rank())
+    return None if pd.isna(r) else round(float(r), 3)
+
+
+def _pruners() -> dict:
+    """The pruners replayed, built by the sweep's own :func:`lora_lab.sweep.study.make_pruner`."""
+    from lora_lab.config import SweepConfig
+    from lora_lab.sweep.study import make_pruner
+
+    def make(**kw):
+        return lambda: make_pruner(SweepConfig(name="replay", grid={"x": [0]}, pruner_startup_trials=2, **kw))
+
+    return {
+        "median, no warm-up (before)": make(pruner="median", pruner_warmup_epochs=0),
+        "median, 1 warm-up epoch": make(pruner="median", pruner_warmup_epochs=1),
+        "25th percentile, 1 warm-up epoch": make(pruner="percentile", pruner_percentile=25.0, pruner_warmup_epochs=1),
+        "median, patience 1": make(pruner="median", pruner_warmup_epochs=0, pruner_patience=1),
+        "median, 1 warm-up epoch, patience 1": make(pruner="median", pruner_warmup_epochs=1, pruner_patience=1),
+    }
+
+
+def replay_pruner(make, studies: Dict[str, List[dict]], values: Dict[str, Dict[int, float]],
+                  finals: Dict[str, float], true_best: Dict[str, str]) -> dict:
+    """Feed each study's recorded per-epoch checks to a fresh Optuna pruner, trials in order."""
+    from lora_lab.sweep.study import replay_pruning
+
+    saved = total = lost = 0
+    pruned_trials = []
+    for name, trials in studies.items():
+        recorded = [(values[t["trial_key"]], finals[t["trial_key"]]) for t in trials]
+        for t, (per_epoch, _), stopped in zip(trials, recorded, replay_pruning(make, recorded)):
+            epochs = max(per_epoch) + 1 if per_epoch else 0  # the last epoch is never checked
+            total += epochs
+            if stopped is not None:
+                saved += epochs - stopped
+                pruned_trials.append(t["trial_key"])
+                lost += int(t["trial_key"] == true_best[name])
+    return {"trial_epochs_saved": round(saved / total, 4) if total else None, "true_best_pruned": lost,
+            "studies": len(studies), "pruned": pruned_trials}
+
+
+def pruning(trials: List[dict], cfg: JudgeConfig, cells: pd.DataFrame, split: Dict[str, str]) -> dict:
+    """Rank correlation of each check with the final objective, and each pruner replayed."""
+    for t in trials:
+        t["trial_key"] = f"{t['subject']}/{t['trial']}"
+    finals, true_best = {}, {}
+    for t in trials:
+        judged = judge(t["agg"], t["ceiling"], cfg)
+        best = best_cell(judged)
+        finals[t["trial_key"]] = 0.0 if best is None or pd.isna(best.combined) else float(best.combined)
+    for name in {t["subject"] for t in trials}:
+        mine = cells[cells.subject == name]
+        ok = mine[mine.true_verdict != "overfit"]
+        pool = ok if len(ok) else mine
+        top = pool.sort_values("true_combined", ascending=False).iloc[0]
+        true_best[name] = f"{name}/{top.trial}"
+    out = {"spearman_by_epoch": {}, "checks": CHECKS, "pruners": {}}
+    values = {}
+    for label, check in CHECKS.items():
+        values[label] = {t["trial_key"]: check_values(t, cfg, check) for t in trials}
+        epochs = sorted({e for v in values[label].values() for e in v})
+        out["spearman_by_epoch"][label] = {
+            str(e): _spearman([values[label][t["trial_key"]][e] for t in trials if e in values[label][t["trial_key"]]],
+                              [finals[t["trial_key"]] for t in trials if e in values[label][t["trial_key"]]])
+            for e in epochs}
+    for part in ("calibration", "heldout"):
+        studies = {}
+        for t in trials:
+            if split[t["subject"]] == part:
+                studies.setdefault(t["subject"], []).append(t)
+        last = {t["trial_key"]: {e: v for e, v in values["now"][t["trial_key"]].items()
+                                 if e < max(values["now"][t["trial_key"]])} for t in trials}
+        out["pruners"][part] = {name: replay_pruner(make, studies, last, finals, true_best)
+                                for name, make in _pruners().items()}
+        before = {t["trial_key"]: {e: v for e, v in values["before"][t["trial_key"]].items()
+                                   if e < max(values["before"][t["trial_key"]])} for t in trials}
+        out["pruners"][part]["median, no warm-up, check before"] = replay_pruner(
+            _pruners()["median, no warm-up (before)"], studies, before, finals, true_best)
+    return out
+
+
+def validation_loss(trials: List[dict], picks: List[dict]) -> dict:
+    """How often the epoch with the lowest validation loss is the true best epoch, beside lora_lab's pick."""
+    by_trial = {(p["subject"], p["trial"]): p for p in picks}
+    rows = []
+    for t in trials:
+        p = by_trial[(t["subject"], t["trial"])]
+        if not t["validation_loss"] or p["true_best"] is None:
+            continue
+        val_epoch = min(t["validation_loss"], key=t["validation_loss"].get)
+        rows.append({"trial": f"{t['subject']}/{t['trial']}", "true_best_epoch": p["true_best"]["epoch"],
+                     "validation_loss_epoch": val_epoch, "lora_lab_epoch": p["pick"] and p["pick"]["epoch"],
+                     "validation_loss_last_epoch_lowest": val_epoch == max(t["validation_loss"])})
+    n = len(rows)
+    return {"trials": n,
+            "validation_loss_picks_true_best_epoch": _share(sum(r["validation_loss_epoch"] == r["true_best_epoch"]
+                                                                for r in rows), n),
+            "lora_lab_picks_true_best_epoch": _share(sum(r["lora_lab_epoch"] == r["true_best_epoch"] for r in rows), n),
+            "lowest_at_last_epoch": sum(r["validation_loss_last_epoch_lowest"] for r in rows),
+            "by_trial": rows}
+
+
+def disagreement_page(cells: pd.DataFrame, trials: List[dict], split: Dict[str, str], out: Path) -> Path:
+    """An HTML page of every cell where the verdicts part, with its images and both reasons."""
+    from jinja2 import Environment, FileSystemLoader, select_autoescape
+
+    scores = {(t["subject"], t["trial"]): t["scores"] for t in trials}
+    rows = []
+    for _, c in cells[cells.verdict != cells.true_verdict].iterrows():
+        s = scores[(c.subject, c.trial)]
+        images = []
+        for prompt, g in s.groupby("prompt", sort=False):
+            base = g[g.strength == 0].drop_duplicates("image")  # the base rows repeat once per epoch
+            shown = pd.concat([base, g[(g.epoch == c.epoch) & (g.strength == c.strength)]])
+            images.append((prompt, [{"src": os.path.relpath(Path(p).resolve(), out.resolve()),
+                                     "label": ("base" if st == 0 else f"s{st:g}") + f" seed {seed}"}
+                                    for p, st, seed in zip(shown.image, shown.strength, shown.seed)]))
+        rates = [(k.replace("true_adherence::", "asked: "), f"{c[k]:.0%}") for k in cells.columns
+                 if (k.startswith("shows_") or k.startswith("true_adherence::")) and pd.notna(c[k])]
+        rows.append({**c.to_dict(), "split": split[c.subject], "rates": rates, "images": images,
+                     "anchor": f"{c.subject}-{c.trial}-e{c.epoch}-s{c.strength:g}"})
+    env = Environment(loader=FileSystemLoader(str(Path(__file__).parent / "templates")), autoescape=select_autoescape(default=True))
+    page = out / "disagreements.html"
+    page.write_text(env.get_template("disagreements.html.j2").render(cells=rows, total=len(cells)),
+                    encoding="utf-8")
+    return page
+
+
+def run(args) -> dict:
+    """The whole benchmark; writes truth.json and prints its figures."""
+    args.root = Path(args.out).resolve() / "truth"  # the studies; truth.json goes beside the folder
+    args.root.mkdir(parents=True, exist_ok=True)
+    calibration, heldout = list(args.calibration), list(args.heldout)
+    for name in calibration + heldout:
+        subjects.load(name)  # a wrong name stops here, before any training
+    sweep_s = run_studies(args, calibration + heldout)
+    readout = assets.load_readout()
+    cache_dir = Path(args.cache_dir)
+    split = {n: "calibration" for n in calibration} | {n: "heldout" for n in heldout}
+    trials = {part: [t for n in names for t in collect(args.root, n, cache_dir, readout)]
+              for part, names in (("calibration", calibration), ("heldout", heldout))}
+    if not trials["calibration"] or not trials["heldout"]:
+        raise SystemExit("error: a split has no finished trial: there is no figure to report")
+    chosen, search = calibrate(trials["calibration"])
+    everything = trials["calibration"] + trials["heldout"]
+    # sweep_s is this invocation's (a rerun resumes finished studies); trials_s is what the
+    # trials took when they ran.
+    result = {"sweep_s": round(sweep_s, 1), "trials_s": round(sum(t["duration_s"] for t in everything), 1),
+              "split": {"calibration": calibration, "heldout": heldout},
+              "truth_rules": {"underfit_gain": TRUTH_RULES.underfit_gain, "adherence_drop": TRUTH_RULES.adherence_drop},
+              "thresholds": {**asdict(chosen), "search": search}}
+    all_cells, all_picks = [], []
+    for part in ("calibration", "heldout"):
+        cells, picks = judged_cells(trials[part], chosen)
+        result[part] = figures(cells, picks)
+        result[part]["picks"] = picks
+        all_cells.append(cells.assign(split=part))
+        all_picks += picks
+    cells = pd.concat(all_cells, ignore_index=True)
+    result["pruning"] = pruning(everything, chosen, cells, split)
+    result["validation_loss"] = validation_loss(everything, all_picks)
+    cells.to_csv(args.root / "truth_cells.csv", index=False)
+    page = disagreement_page(cells, everything, split, args.root)
+    out = args.root.parent / "truth.json"
+    out.write_text(json.dumps(result, indent=2, default=str) + "\n", encoding="utf-8")
+    print(text(result))
+    print(f"\nevery cell, both verdicts: {args.root / 'truth_cells.csv'}\ndisagreements: {page}\nfigures: {out}")
+    return result
+
+
+def _pct(share: dict) -> str:
+    if share["value"] is None:
+        return "n/a (0 cases)"
+    lo, hi = share["ci95"]
+    return f"{share['value']:.1%} [{lo:.0%}, {hi:.0%}] of {share['n']}"
+
+
+def text(r: dict) -> str:
+    th = r["thresholds"]
+    lines = ["", "truth benchmark: lora_lab's verdicts (the toy world's CLIP) against the read-out's ground truth",
+             f"sweeps: {r['sweep_s']:.0f} s now, the trials took {r['trials_s']:.0f} s; calibration subjects "
+             f"{', '.join(r['split']['calibration'])}; "
+             f"held out {', '.join(r['split']['heldout'])}",
+             f"thresholds chosen on calibration ({th['search']['tried']} candidates): underfit_gain "
+             f"{th['underfit_gain']:g}, adherence_drop {th['adherence_drop']:g}, diversity check "
+             f"{'off' if th['diversity_drop'] >= 1 else th['diversity_drop']}, copy check "
+             f"{'off' if th['copy_threshold'] >= 1 else th['copy_threshold']}"]
+    for part in ("heldout", "calibration"):
+        f = r[part]
+        lines += ["", f"{part} ({f['trials']} trials, {f['cells']} cells), 95% intervals:",
+                  f"  agreement {_pct(f['agreement'])} (target 90%)",
+                  f"  picks in the true top 3: {_pct(f['picks_in_true_top3'])} (target 90%)"]
+        for v in VERDICTS:
+            lines.append(f"  {v:8s} true cells {f['count'][v]:3d}; recall {_pct(f['recall'][v])}; "
+                         f"precision {_pct(f['precision'][v])}")
+    p = r["pruning"]
+    lines += ["", "pruning: Spearman correlation of the per-epoch check with the final objective, by epoch"]
+    for label, by_epoch in p["spearman_by_epoch"].items():
+        lines.append(f"  check {label:7s} " + ", ".join(f"epoch {e}: {v}" for e, v in by_epoch.items()))
+    for part, pruners in p["pruners"].items():
+        lines.append(f"  {part}: " + "; ".join(f"{name}: saves {v['trial_epochs_saved']:.0%}, true best pruned "
+                                                f"{v['true_best_pruned']} of {v['studies']}"
+                                                for name, v in pruners.items() if v["trial_epochs_saved"] is not None))
+    v = r["validation_loss"]
+    if v["trials"]:
+        lines += ["", f"validation loss: its lowest epoch is the true best epoch in "
+                      f"{_pct(v['validation_loss_picks_true_best_epoch'])} trials; lora_lab's pick in "
+                      f"{_pct(v['lora_lab_picks_true_best_epoch'])}; lowest at the last epoch in "
+                      f"{v['lowest_at_last_epoch']} of {v['trials']}"]
+    return "\n".join(lines)

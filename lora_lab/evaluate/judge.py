@@ -1,0 +1,195 @@
+"""Score tables -> per-cell verdicts (underfit / good / overfit, with reasons) and the best cell.
+
+Pure pandas, no torch: testable with constructed scores. The strength-0 cell is the base model,
+the baseline for likeness and adherence; the ceiling is the references' own similarity to their
+centroid (DreamBooth's "real images" row).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict
+from typing import Dict, List, Optional
+
+import pandas as pd
+
+from lora_lab.config import JudgeConfig
+from lora_lab.numbers import fmt
+
+CELL = ["epoch", "label", "strength"]
+
+
+def aggregate(scores: pd.DataFrame, kind: str) -> pd.DataFrame:
+    """One row per (epoch, label, strength): likeness, face rate, adherence, copy, diversity.
+
+    ``scores`` has one row per image (epoch, label, strength, prompt_kind, prompt, seed, ...)
+    and a ``diversity`` column per (cell, prompt) (same value on each seed's row).
+    """
+    rows = []
+    for (epoch, label, strength), g in scores.groupby(CELL, sort=True):
+        like = g[g.prompt_kind == "likeness"]
+        adapt = g[g.prompt_kind == "adaptability"]
+        row = {"epoch": epoch, "label": label, "strength": strength}
+        if kind == "person":
+            detected = like.face_detected.astype(bool)
+            row["face_rate"] = float(detected.mean()) if len(like) else math.nan
+            row["likeness"] = float(like.face_likeness[detected].mean()) if detected.any() else math.nan
+        else:
+            row["face_rate"] = math.nan
+            row["likeness"] = float(like.clip_i.mean()) if len(like) else math.nan
+        row["clip_i"] = float(like.clip_i.mean()) if len(like) else math.nan
+        row["adherence"] = float(adapt.clip_adherence.mean()) if len(adapt) else math.nan
+        for prompt, pg in adapt.groupby("prompt", sort=False):
+            row[f"adherence::{prompt}"] = float(pg.clip_adherence.mean())
+        top = g.loc[g.clip_i_max.idxmax()]
+        row["copy_similarity"] = float(top.clip_i_max)
+        row["copy_reference"] = top.closest_reference
+        per_prompt = g.groupby("prompt", sort=False).diversity.first()
+        row["diversity"] = float(per_prompt.mean()) if per_prompt.notna().any() else math.nan
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def _baseline(agg: pd.DataFrame) -> Optional[pd.Series]:
+    base = agg[agg.strength == 0]
+    return None if base.empty else base.iloc[0]
+
+
+def judge(agg: pd.DataFrame, ceiling: float, cfg: JudgeConfig) -> pd.DataFrame:
+    """Add ``gain``, ``combined``, ``verdict`` and ``reasons`` to the aggregated table.
+
+    A cell is ``overfit`` when an adaptability prompt's CLIP score falls more than
+    ``adherence_drop`` below the base model's, or a generation nearly copies a training image,
+    or diversity across seeds collapses; otherwise ``underfit`` when its likeness gain over the
+    base model is below ``underfit_gain`` of the gap to the ceiling; otherwise ``good``.
+    """
+    base = _baseline(agg)
+    out = agg.copy()
+    verdicts, reasons, gains, combined = [], [], [], []
+    adherence_cols = [c for c in agg.columns if c.startswith("adherence::")]
+    for _, cell in agg.iterrows():
+        if cell.strength == 0 or base is None:
+            verdicts.append("base")
+            reasons.append(["the base model (strength 0): the baseline"])
+            gains.append(0.0)
+            combined.append(math.nan)
+            continue
+        why_over: List[str] = []
+        for col in adherence_cols:
+            a, a0 = cell[col], base.get(col, math.nan)
+            if _ok(a) and _ok(a0) and a0 > 0 and a < (1 - cfg.adherence_drop) * a0:
+                why_over.append(f"the asked change fades: '{col.split('::', 1)[1]}' matches its text "
+                                f"{1 - a / a0:.0%} less than on the base model (CLIP {a:.1f} vs base {a0:.1f})")
+        # A near copy is judged against what the base model already does: the cell must pass
+        # copy_threshold and be at least halfway from the base model's similarity to identity.
+        copy_bar = max(cfg.copy_threshold, (1 + base.copy_similarity) / 2) if _ok(base.copy_similarity) \
+            else cfg.copy_threshold
+        if _ok(cell.copy_similarity) and cell.copy_similarity >= copy_bar:
+            why_over.append(f"nearly copies training image {cell.copy_reference} "
+                            f"(CLIP-I {cell.copy_similarity:.3f} >= {copy_bar:.3g}; base {base.copy_similarity:.3f})")
+        d, d0 = cell.diversity, base.diversity
+        if _ok(d) and _ok(d0) and d0 > 0 and d < (1 - cfg.diversity_drop) * d0:
+            why_over.append(f"the seeds all look alike: diversity across seeds {d:.3f} vs base {d0:.3f}")
+        gain = likeness_gain(cell.likeness, base.likeness, ceiling)
+        gains.append(gain)
+        rate = cell.face_rate if _ok(cell.face_rate) else 1.0
+        adherence_ratio = cell.adherence / base.adherence if _ok(cell.adherence) and _ok(base.adherence) and \
+            base.adherence > 0 else 1.0
+        combined.append(combined_score(gain, adherence_ratio, cfg, rate))
+        verdict = rung(bool(why_over), gain, cfg)
+        verdicts.append(verdict)
+        if verdict == "overfit":
+            reasons.append(why_over)
+        elif not _ok(cell.likeness):
+            reasons.append(["likeness could not be measured: no face detected in the likeness images"
+                            if _ok(cell.face_rate) else "likeness could not be measured"])
+        elif verdict == "underfit":
+            reasons.append([f"too little of the subject yet: likeness {cell.likeness:.3f} is {_pct(gain)} of the way "
+                            f"from the base model ({_fmt(base.likeness)}) to the training images ({ceiling:.3f}); "
+                            f"needs {cfg.underfit_gain:.0%}"])
+        else:
+            reasons.append([f"likeness {cell.likeness:.3f}, {_pct(gain)} of the way from the base model to the "
+                            f"training images ({ceiling:.3f}); asked changes kept: adherence "
+                            f"{_fmt(cell.adherence, 1)} vs base {_fmt(base.adherence, 1)}"])
+    out["gain"] = gains
+    out["combined"] = combined
+    out["verdict"] = verdicts
+    out["reasons"] = reasons
+    return out
+
+
+def best_cell(judged: pd.DataFrame) -> Optional[pd.Series]:
+    """The highest combined score among non-overfit LoRA cells (None if every cell is overfit)."""
+    pool = judged[(judged.strength != 0) & (judged.verdict != "overfit")]
+    if pool.empty:
+        return None
+    return pool.sort_values(["combined", "epoch", "strength"], ascending=[False, True, True]).iloc[0]
+
+
+def verdict_document(judged: pd.DataFrame, ceiling: float, cfg: JudgeConfig, files: Dict[str, str],
+                     notes: List[str]) -> dict:
+    """What ``verdict.json`` holds: the best cell with its A1111 snippet, every cell, settings."""
+    best = best_cell(judged)
+    doc = {
+        "best": None,
+        "ceiling": _json(ceiling),
+        "thresholds": asdict(cfg),
+        "notes": notes,
+        "cells": [{k: _json(v) for k, v in row.items()} for row in judged.to_dict(orient="records")],
+    }
+    if best is not None:
+        doc["best"] = {
+            "epoch": int(best.epoch),
+            "strength": float(best.strength),
+            "file": files[best.label],
+            "snippet": f"<lora:{best.label}:{best.strength:g}>",
+            "verdict": best.verdict,
+            "combined": _json(best.combined),
+            "likeness": _json(best.likeness),
+            "adherence": _json(best.adherence),
+            "reasons": list(best.reasons),
+        }
+    return doc
+
+
+def rung(overfit: bool, gain: float, cfg: JudgeConfig) -> str:
+    """The verdict ladder, shared with the truth benchmark: overfit when any overfit sign shows;
+    else underfit when the likeness gain is unmeasured or below ``underfit_gain``; else good."""
+    if overfit:
+        return "overfit"
+    if not _ok(gain) or gain < cfg.underfit_gain:
+        return "underfit"
+    return "good"
+
+
+def combined_score(gain: float, adherence_ratio: float, cfg: JudgeConfig, rate: float = 1.0) -> float:
+    """The score a pick ranks by: weighted likeness gain (0 when unmeasured; times the share of
+    images with a detected face) plus weighted adherence relative to the base model."""
+    return cfg.likeness_weight * (gain if _ok(gain) else 0.0) * rate + cfg.adherence_weight * adherence_ratio
+
+
+def likeness_gain(value: float, base: float, ceiling: float) -> float:
+    """How far ``value`` is from the base model's likeness to the ceiling (0 = base, 1 = ceiling)."""
+    if not (_ok(value) and _ok(base) and _ok(ceiling)) or ceiling - base <= 1e-6:
+        return math.nan
+    return (value - base) / (ceiling - base)
+
+
+def _ok(x) -> bool:
+    return x is not None and isinstance(x, (int, float)) and not math.isnan(x)
+
+
+def _pct(x: float) -> str:
+    return f"{x:.0%}" if _ok(x) else "n/a"
+
+
+def _fmt(x: float, digits: int = 3) -> str:
+    return fmt(x, f".{digits}f")
+
+
+def _json(v):
+    if isinstance(v, float) and math.isnan(v):
+        return None
+    if hasattr(v, "item"):
+        return _json(v.item())
+    return v

@@ -1,0 +1,315 @@
+"""Study folder -> a self-contained HTML report (Jinja2), rebuilt from the files alone.
+
+``python -m lora_lab.report sweeps/<study>`` writes ``reports/<study>/index.html``: the sweep's
+definition, a sortable leaderboard, the winner with its file and ``<lora:...>`` snippet, how each
+swept parameter relates to the objective, a likeness-vs-adherence Pareto front, and one page
+per trial (verdict table, heatmaps, loss curve, X/Y grids, the error of a failed trial). No
+server, no network: CSS and JavaScript are inlined, images are copied beside the pages. All
+user text (captions, prompts, tokens, file names) is escaped by Jinja2's autoescaping.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import List, Optional
+
+import pandas as pd
+
+from lora_lab.files import DIR_MODE, read_json
+from lora_lab.report import leaderboard
+from lora_lab.report.front import change, front_page, progress
+from lora_lab.report.tensorboard import read_scalars
+
+TEMPLATES = Path(__file__).resolve().parent / "templates"
+
+
+def jinja_env():
+    from jinja2 import Environment, FileSystemLoader, select_autoescape
+
+    return Environment(loader=FileSystemLoader(str(TEMPLATES)),
+                       autoescape=select_autoescape(["html", "j2"], default_for_string=True, default=True))
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+_INTEGER = ("best_epoch", "val_loss_epoch", "trial")  # whole numbers, even in a column with blanks
+
+
+def _fmt(value, digits: int = 4, integer: bool = False) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return ""
+    if integer and isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    if isinstance(value, float):
+        return f"{value:.{digits}g}"
+    return str(value)
+
+
+def _save(fig, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=90, bbox_inches="tight")
+    _plt().close(fig)
+
+
+def _param_figures(table: pd.DataFrame, params: List[str], out: Path, study: dict) -> List[dict]:
+    plt = _plt()
+    figs = []
+    done = table[table.state == "complete"]
+    for p in params:
+        if done.empty:
+            break
+        fig, ax = plt.subplots(figsize=(5, 3.2))
+        values = done[p].astype(str)
+        ax.scatter(values, done.objective.astype(float), s=40)
+        for x, y, n in zip(values, done.objective.astype(float), done.trial):
+            ax.annotate(f"t{n}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+        ax.set_xlabel(p)
+        ax.set_ylabel(study.get("objective", "objective"))
+        ax.tick_params(axis="x", rotation=20)
+        name = f"param_{len(figs)}.png"
+        _save(fig, out / name)
+        figs.append({"src": name, "caption": f"{study.get('objective', 'objective')} by {p} (completed trials)"})
+    return figs
+
+
+def _pareto_figure(study_dir: Path, out: Path) -> Optional[dict]:
+    """Likeness vs adherence of every LoRA cell of every trial, Pareto front highlighted."""
+    points = []
+    for path in study_dir.glob("trial_*/verdict.json"):
+        trial = int(path.parent.name.split("_")[1])
+        for c in (read_json(path) or {}).get("cells", []):
+            if c.get("strength") and c.get("likeness") is not None and c.get("adherence") is not None:
+                points.append((c["likeness"], c["adherence"], trial, c["verdict"]))
+    if not points:
+        return None
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(5, 3.6))
+    colours = {"good": "tab:green", "underfit": "tab:orange", "overfit": "tab:red"}
+    for verdict, colour in colours.items():
+        sel = [(x, y) for x, y, _, v in points if v == verdict]
+        if sel:
+            ax.scatter(*zip(*sel), c=colour, label=verdict, s=30)
+    front = [p for p in points if not any(q[0] >= p[0] and q[1] >= p[1] and q[:2] != p[:2] for q in points)]
+    front.sort()
+    ax.plot([p[0] for p in front], [p[1] for p in front], "k--", lw=1, label="Pareto front")
+    ax.set_xlabel("likeness")
+    ax.set_ylabel("adherence (CLIP score)")
+    ax.legend(fontsize=8)
+    _save(fig, out / "pareto.png")
+    return {"src": "pareto.png", "caption": "likeness vs adherence of every cell of every trial"}
+
+
+def _heatmap(cells: List[dict], metric: str, path: Path) -> bool:
+    rows = [c for c in cells if c.get(metric) is not None]
+    if not rows:
+        return False
+    df = pd.DataFrame(rows).pivot_table(index="strength", columns="epoch", values=metric, aggfunc="first")
+    verdicts = pd.DataFrame(cells).pivot_table(index="strength", columns="epoch", values="verdict", aggfunc="first")
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(1.2 + 1.1 * df.shape[1], 0.9 + 0.6 * df.shape[0]))
+    im = ax.imshow(df.values.astype(float), cmap="viridis", aspect="auto")
+    ax.set_xticks(range(df.shape[1]), [str(c) for c in df.columns])
+    ax.set_yticks(range(df.shape[0]), [f"{s:g}" for s in df.index])
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("strength")
+    for i, s in enumerate(df.index):
+        for j, e in enumerate(df.columns):
+            v = df.loc[s, e]
+            label = f"{v:.3g}\n{verdicts.loc[s, e]}" if not pd.isna(v) else str(verdicts.loc[s, e])
+            ax.text(j, i, label, ha="center", va="center", fontsize=7, color="white")
+    fig.colorbar(im, ax=ax)
+    ax.set_title(metric)
+    _save(fig, path)
+    return True
+
+
+def _loss_figure(tb_dir: Path, path: Path) -> bool:
+    scalars = read_scalars(tb_dir)
+    if "loss/current" not in scalars:
+        return False
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(5, 3))
+    steps, values = zip(*scalars["loss/current"])
+    ax.plot(steps, values, lw=0.8, alpha=0.6, label="loss/current")
+    if "loss/average" in scalars:
+        s2, v2 = zip(*scalars["loss/average"])
+        ax.plot(s2, v2, lw=1.5, label="loss/average (epoch)")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.legend(fontsize=8)
+    _save(fig, path)
+    return True
+
+
+def _trial_page(env, study: dict, tdir: Path, out: Path, warnings: List[str]) -> None:
+    info = read_json(tdir / "trial.json") or {}
+    verdict = read_json(tdir / "verdict.json") or {}
+    page_dir = out / tdir.name
+    page_dir.mkdir(parents=True, exist_ok=True)
+    figures, grids = [], []
+    cells = [c for c in verdict.get("cells", [])]
+    for metric in ("likeness", "adherence"):
+        if _heatmap(cells, metric, page_dir / f"heatmap_{metric}.png"):
+            figures.append({"src": f"heatmap_{metric}.png", "caption": f"{metric} over epoch x strength, with verdicts"})
+    if _loss_figure(tdir / "tb", page_dir / "loss.png"):
+        figures.append({"src": "loss.png", "caption": "training loss"})
+    prompts = {}
+    scores = tdir / "scores.csv"
+    if scores.exists():
+        s = pd.read_csv(scores, usecols=["prompt_index", "prompt"]).drop_duplicates()
+        prompts = dict(zip(s.prompt_index, s.prompt))
+    for grid in sorted((tdir / "grids").glob("*.png")):
+        shutil.copy2(grid, page_dir / grid.name)
+        idx = int(grid.stem[1:]) if grid.stem[1:].isdigit() else None
+        grids.append({"src": grid.name, "caption": prompts.get(idx, grid.stem)})
+    error = (tdir / "error.txt").read_text(encoding="utf-8", errors="replace") if (tdir / "error.txt").exists() else ""
+    tags = []
+    lora_files = sorted((tdir / "lora").glob("*.safetensors"))
+    if lora_files:
+        from safetensors import safe_open
+
+        with safe_open(str(lora_files[-1]), framework="numpy") as fh:  # the header only
+            meta = fh.metadata() or {}
+        freq = json.loads(meta.get("ss_tag_frequency", "{}") or "{}")
+        for folder, counts in freq.items():
+            for tag, n in sorted(counts.items(), key=lambda kv: -kv[1]):
+                tags.append((f"{folder} ({n}x)", tag))
+    # The base model's row is the same for every epoch: shown once, first.
+    base_rows = [c for c in cells if c.get("verdict") == "base"][:1]
+    base_of = {c.get("epoch"): c for c in cells if c.get("verdict") == "base"}
+    shown_cells = []
+    for c in base_rows + [c for c in cells if c.get("verdict") != "base"]:
+        b = base_of.get(c.get("epoch"), {})
+        is_base = c.get("verdict") == "base"
+        shown_cells.append({**c, "epoch": "any" if is_base else c.get("epoch"),
+                            "likeness": _fmt(c.get("likeness")), "adherence": _fmt(c.get("adherence")),
+                            "likeness_change": "baseline" if is_base else change(c.get("likeness"), b.get("likeness")),
+                            "adherence_change": "baseline" if is_base else
+                            change(c.get("adherence"), b.get("adherence"), pct=True)})
+    t = {"number": info.get("number", tdir.name.split("_")[1]), "state": info.get("state", "unknown"),
+         "params": info.get("params", {}), "objective_text": _fmt(info.get("objective")),
+         "reason": info.get("reason", ""), "duration": info.get("duration_s"), "error": error}
+    html = env.get_template("trial.html.j2").render(study=study, t=t, best=verdict.get("best"), cells=shown_cells,
+                                                   figures=figures, grids=grids, captions=tags[:200],
+                                                   warnings=[n for n in verdict.get("notes", []) if n in warnings])
+    (page_dir / "index.html").write_text(html, encoding="utf-8")
+
+
+def _stamp(tdir: Path, info: dict) -> str:
+    """What a trial page is drawn from, as sizes and times: equal stamps, equal pages."""
+    files = []
+    for name in ("trial.json", "verdict.json", "scores.csv", "error.txt"):
+        try:
+            st = (tdir / name).stat()
+            files.append([name, st.st_size, st.st_mtime_ns])
+        except OSError:
+            pass
+    return json.dumps({"state": info.get("state"), "files": files})
+
+
+def _read_text(path: Path) -> Optional[str]:
+    try:
+        return path.read_text(encoding="utf-8")
+    except OSError:
+        return None
+
+
+def build_report(study_dir: Path, reports_root: Path = Path("reports")) -> Path:
+    """Write ``reports_root/<study>/index.html`` and its trial pages; returns the index path.
+
+    The report is built in a temp folder and swapped in, so a reader never sees half a report.
+    """
+    study_dir = Path(study_dir)
+    if not study_dir.is_dir():
+        raise FileNotFoundError(f"{study_dir} is not a study folder")
+    study = read_json(study_dir / "study.json") or {"name": study_dir.name}
+    study.setdefault("name", study_dir.name)
+    reports_root = Path(reports_root)
+    reports_root.mkdir(parents=True, exist_ok=True)
+    target = reports_root / study_dir.name
+    tmp = Path(tempfile.mkdtemp(prefix=f".{study_dir.name}-", dir=reports_root))
+    try:
+        env = jinja_env()
+        table = leaderboard.build(study_dir)
+        warnings = [n for n in leaderboard.notes(study_dir) if "not meaningful" in n]
+        params = [c for c in table.columns if c not in leaderboard.FIRST + leaderboard.LAST]
+        columns = ["trial", "state"] + params + ["objective", "verdict", "best_epoch", "best_strength", "likeness",
+                                                  "adherence", "snippet", "reason"]
+        rows = []
+        for r in table.to_dict(orient="records"):
+            text = {c: _fmt(r.get(c), integer=c in _INTEGER) for c in columns}
+            sort = {c: ("" if r.get(c) is None or (isinstance(r.get(c), float) and math.isnan(r.get(c)))
+                        else r.get(c)) for c in columns}
+            rows.append({"trial": r["trial"], "state": r["state"], "text": text, "sort": sort})
+        winner_row = leaderboard.best(table)
+        winner = None
+        if winner_row is not None:
+            winner = {**winner_row.to_dict(), "objective_text": _fmt(winner_row.objective),
+                      "best_epoch_text": _fmt(winner_row.best_epoch, integer=True)}
+        front = front_page(study_dir, tmp, winner, previous=target)
+        figures = _param_figures(table, params, tmp, study)
+        pareto = _pareto_figure(study_dir, tmp)
+        if pareto:
+            figures.append(pareto)
+        definition = [(k, json.dumps(v) if isinstance(v, (dict, list)) else v) for k, v in study.items()]
+        html = env.get_template("index.html.j2").render(
+            study=study, rows=rows, columns=columns, winner=winner, figures=figures, definition=definition,
+            warnings=warnings, built=time.strftime("%Y-%m-%d %H:%M:%S"), front=front,
+            progress=progress(study_dir, table, study))
+        (tmp / "index.html").write_text(html, encoding="utf-8")
+        for tdir in sorted(study_dir.glob("trial_*")):
+            info = read_json(tdir / "trial.json") or {}
+            if info.get("state") in ("duplicate", "retried"):
+                continue
+            stamp = _stamp(tdir, info)
+            previous = target / tdir.name
+            if info.get("state") != "running" and _read_text(previous / ".stamp") == stamp:
+                shutil.copytree(previous, tmp / tdir.name)  # unchanged since the last build: no redrawing
+                continue
+            _trial_page(env, study, tdir, tmp, warnings)
+            (tmp / tdir.name / ".stamp").write_text(stamp, encoding="utf-8")
+        os.chmod(tmp, DIR_MODE)
+        old = reports_root / f".{study_dir.name}-old-{os.getpid()}"
+        try:
+            if target.exists():
+                os.rename(target, old)
+            os.rename(tmp, target)
+        except OSError:
+            pass  # another worker swapped its report in at this moment: that one stands
+        shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target / "index.html"
+
+
+def main(argv: Optional[list] = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m lora_lab.report", description=__doc__.splitlines()[0])
+    parser.add_argument("study_dir", type=Path, help="a study folder, e.g. sweeps/scheduler")
+    parser.add_argument("--out", type=Path, default=Path("reports"), help="reports folder (default: reports)")
+    args = parser.parse_args(argv)
+    try:
+        index = build_report(args.study_dir, args.out)
+    except (FileNotFoundError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"report: {index}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
