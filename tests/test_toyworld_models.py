@@ -13,7 +13,7 @@ from PIL import Image
 
 from lora_lab.bench import truth_rules as truth
 from lora_lab.config import ClipScorerConfig, JudgeConfig, ModelConfig
-from lora_lab.toyworld import assets, nets, pretrain, quality, subjects, world
+from lora_lab.toyworld import assets, nets, pretrain, pretrain_clip, pretrain_steps, quality, subjects, world
 
 
 def test_text_encoder_conversion_gives_the_same_hidden_states():
@@ -29,7 +29,7 @@ def test_text_encoder_conversion_gives_the_same_hidden_states():
         got = te(ids).last_hidden_state
     assert torch.allclose(got, want, atol=1e-5)
     with torch.no_grad():
-        short = pretrain.encode_text_short(clip, ids)
+        short = pretrain_clip.encode_text_short(clip, ids)
         full = torch.nn.functional.normalize(clip.encode_text(ids), dim=-1)
     assert torch.allclose(short, full, atol=1e-5)
 
@@ -69,13 +69,13 @@ def test_clip_trains_on_vae_round_trips_for_half_the_batch():
     torch.manual_seed(0)
     vae = nets.make_vae().eval()
     records = [world.sample(random.Random(i)) for i in range(4)]
-    clean = pretrain.scorer_pixels(records, 64)
-    mixed = pretrain.scorer_pixels(records, 64, vae)
+    clean = pretrain_clip.scorer_pixels(records, 64)
+    mixed = pretrain_clip.scorer_pixels(records, 64, vae)
     assert mixed.shape == clean.shape == (4, 3, 64, 64)
     assert torch.equal(mixed[2:], clean[2:])  # the second half: the drawings themselves
     with torch.no_grad():  # the first half: the VAE's decoding, as 8-bit images
         decoded = vae.decode(vae.encode(nets.to_tensor([world.draw(a, 32) for a in records[:2]])).latent_dist.mean)
-    want = pretrain.clip_pixels(nets.to_tensor(
+    want = pretrain_clip.clip_pixels(nets.to_tensor(
         [im.resize((64, 64), Image.BICUBIC) for im in nets.to_images(decoded.sample)]))
     assert torch.allclose(mixed[:2], want) and not torch.allclose(mixed[:2], clean[:2], atol=0.1)
 
@@ -89,16 +89,16 @@ def test_stage_resumes_to_the_same_weights(tmp_path):
     def run(work, stop_at=None):
         torch.manual_seed(0)
         model = torch.nn.Linear(3, 2)
-        plan = pretrain.Plan(seed=1)
+        plan = pretrain_steps.Plan(seed=1)
 
         def loss_fn(step):
             if step == stop_at:
                 raise KeyboardInterrupt
-            g = pretrain._gen(plan, "t", step)
+            g = pretrain_steps.stage_gen(plan, "t", step)
             x = torch.randn(8, 3, generator=g)
             return (model(x) - x[:, :2]).pow(2).mean()
 
-        return pretrain._train("t", work, model, steps=6, lr=0.05, loss_fn=loss_fn, every=2, ema_decay=0.9)
+        return pretrain_steps.train_stage("t", work, model, steps=6, lr=0.05, loss_fn=loss_fn, every=2, ema_decay=0.9)
 
     whole = run(tmp_path / "a")
     with pytest.raises(KeyboardInterrupt):
