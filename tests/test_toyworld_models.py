@@ -193,10 +193,10 @@ def test_ranking_captions_change_one_attribute_each_and_say_which():
     for a in quality.heldout(50):
         captions, changed = quality.ranking_captions(a, rng, with_changes=True)
         assert len(captions) == len(set(captions)) == 10 and captions[0] == world.caption(a)
-        assert len(changed) == 9 and set(changed) <= set(world._VALUES)
+        assert len(changed) == 9 and set(changed) <= set(world.VALUES)
         for text, name in zip(captions[1:], changed):
             assert text != captions[0]
-            values = [v for v in world._VALUES[name] if v != getattr(a, name)]
+            values = [v for v in world.VALUES[name] if v != getattr(a, name)]
             assert text in {world.caption(world.replace(a, **{name: v})) for v in values}
 
 
@@ -244,7 +244,7 @@ def test_shipped_clip_scores_the_caption_that_fits_highest(name, template):
     rng = random.Random(11)
     records = [world.sample(rng) for _ in range(40)]
     images = clip.images([world.draw(a, nets.RESOLUTION) for a in records])
-    values = list(world._VALUES[name])
+    values = list(world.VALUES[name])
     texts = clip.texts(["photo of a person" if v == "none" else template.format(v) for v in values])
     picked = [values[int(i)] for i in (images @ texts.T).argmax(dim=1)]
     # 40 of 40 measured for each attribute with this seed (seeds 12 and 13: the mark 39 and 38)

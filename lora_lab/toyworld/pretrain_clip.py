@@ -62,12 +62,12 @@ def _caption_group(a: world.Attributes, rng: random.Random, negatives: int) -> L
 
 # One caption per value of an attribute: an image must pick its own among them.
 ATTRIBUTE_BANK = {
-    "hair_colour": [f"photo of a person with {v} hair" for v in world._VALUES["hair_colour"]],
-    "hair_style": [f"photo of a person with {v} hair" for v in world._VALUES["hair_style"]],
-    "eye_colour": [f"photo of a person with {v} eyes" for v in world._VALUES["eye_colour"]],
+    "hair_colour": [f"photo of a person with {v} hair" for v in world.VALUES["hair_colour"]],
+    "hair_style": [f"photo of a person with {v} hair" for v in world.VALUES["hair_style"]],
+    "eye_colour": [f"photo of a person with {v} eyes" for v in world.VALUES["eye_colour"]],
     "mark": ["photo of a person" if v == "none" else f"photo of a person, a {v} on the cheek"
-             for v in world._VALUES["mark"]],
-    "background": [f"photo of a person, on a {v} background" for v in world._VALUES["background"]],
+             for v in world.VALUES["mark"]],
+    "background": [f"photo of a person, on a {v} background" for v in world.VALUES["background"]],
 }
 
 
@@ -125,7 +125,7 @@ def _contrastive(plan: Plan, stage: str, clip, pixels: Callable, probes: Probes)
         attribute, at = 0.0, len(texts)
         for name, values in ATTRIBUTE_BANK.items():
             logits = scale * img @ txt[at : at + len(values)].T
-            want = torch.tensor([world._VALUES[name].index(getattr(a, name)) for a in records])
+            want = torch.tensor([world.VALUES[name].index(getattr(a, name)) for a in records])
             attribute = attribute + F.cross_entropy(logits, want)
             at += len(values)
         loss = (per_image + per_text) / 2 + attribute / len(ATTRIBUTE_BANK)

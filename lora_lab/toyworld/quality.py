@@ -57,7 +57,7 @@ def clip_ranking(n: int = 500, seed: int = 7) -> Dict[str, float]:
     records = heldout(n, seed=seed)
     images = clip.images([world.draw(a, nets.RESOLUTION) for a in records])
     right = 0
-    wins: Dict[str, List[bool]] = {name: [] for name in world._VALUES}
+    wins: Dict[str, List[bool]] = {name: [] for name in world.VALUES}
     for a, emb in zip(records, images):
         captions, changed = ranking_captions(a, rng, with_changes=True)
         scores = clip.texts(captions) @ emb
@@ -78,7 +78,7 @@ def ranking_captions(a: world.Attributes, rng: random.Random, k: int = 10, with_
         text = world.caption(b)
         if text not in out:
             out.append(text)
-            changed.append(next(name for name in world._VALUES if getattr(b, name) != getattr(a, name)))
+            changed.append(next(name for name in world.VALUES if getattr(b, name) != getattr(a, name)))
     return (out, changed) if with_changes else out
 
 

@@ -26,7 +26,7 @@ from lora_lab.toyworld import world
 SUBJECTS_DIR = Path(__file__).resolve().parent / "subjects"
 DEFAULT = "sks"
 SIZE = world.SIZE
-_VALUES = {"hair_colour": tuple(world.HAIR_COLOURS), "hair_style": world.HAIR_STYLES,
+VALUES = {"hair_colour": tuple(world.HAIR_COLOURS), "hair_style": world.HAIR_STYLES,
            "eye_colour": tuple(world.EYE_COLOURS), "skin": tuple(world.SKIN_TONES), "face": world.FACE_SHAPES,
            "mark": world.MARKS, "background": tuple(world.BACKGROUNDS), "pattern": world.PATTERNS,
            "glasses": (True, False), "hat": (True, False), "earrings": (True, False)}
@@ -177,10 +177,10 @@ def load(name: Optional[str] = None) -> Subject:
 
 
 def _check_value(where: str, key: str, attribute: str, value) -> None:
-    if attribute not in _VALUES:
-        raise ConfigError(f"{where}: {key}: unknown attribute {attribute!r} (allowed: {', '.join(_VALUES)})")
-    if value not in _VALUES[attribute]:
-        allowed = ", ".join(str(v) for v in _VALUES[attribute])
+    if attribute not in VALUES:
+        raise ConfigError(f"{where}: {key}: unknown attribute {attribute!r} (allowed: {', '.join(VALUES)})")
+    if value not in VALUES[attribute]:
+        allowed = ", ".join(str(v) for v in VALUES[attribute])
         raise ConfigError(f"{where}: {key}: {value!r} is not a {attribute} of the toy world (allowed: {allowed})")
 
 

@@ -174,7 +174,7 @@ FIELDS = ("hair", "eyes", "mark", "wearing", "background")
 # Attributes a hard-negative caption may change, by caption part.
 CHANGEABLE = {"hair": ("hair_colour", "hair_style"), "eyes": ("eye_colour",), "mark": ("mark",),
               "background": ("background", "pattern")}
-_VALUES = {"hair_colour": tuple(HAIR_COLOURS), "hair_style": HAIR_STYLES, "eye_colour": tuple(EYE_COLOURS),
+VALUES = {"hair_colour": tuple(HAIR_COLOURS), "hair_style": HAIR_STYLES, "eye_colour": tuple(EYE_COLOURS),
            "mark": MARKS, "background": tuple(BACKGROUNDS), "pattern": PATTERNS}
 
 
@@ -216,7 +216,7 @@ def change_one(a: Attributes, rng: random.Random, fields=FIELDS, style: bool = T
     if not names:
         names = ["hair_colour"]
     name = rng.choice(names)
-    values = [v for v in _VALUES[name] if v != getattr(a, name)]
+    values = [v for v in VALUES[name] if v != getattr(a, name)]
     if name == "mark" and tuple(fields) != FIELDS:
         values = [v for v in values if v != "none"]  # a partial caption that omits the mark says nothing of it
     value = rng.choice(values)
