@@ -3,22 +3,21 @@
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 
 import pytest
 import torch
 
+from conftest import run_cli
 from lora_lab.bench import compare as bench
 
 
 def test_bench_command_reports_all_figures(tmp_path, cache_dir, demo_dir):
     out = tmp_path / "bench"
-    proc = subprocess.run(
+    proc = run_cli(
         [sys.executable, "-m", "lora_lab.bench", "--model", "tiny", "--trials", "2", "--epochs", "1",
          "--strengths", "0,1", "--prompts", "2", "--steps", "2", "--repeats", "1", "--memory-trials", "3",
-         "--cache-dir", str(cache_dir), "--out", str(out)],
-        capture_output=True, text=True, timeout=900, cwd=tmp_path)
+         "--cache-dir", str(cache_dir), "--out", str(out)], cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     for label in ("whole run, wall", "lower bound for the sweep's work", "training steps / s",
                   "evaluation images / s", "epoch switching", "per-trial set-up, warm worker", "peak memory",
@@ -53,8 +52,7 @@ def test_bench_command_reports_all_figures(tmp_path, cache_dir, demo_dir):
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal is for machines without a GPU")
 def test_bench_on_cuda_refuses_plainly_without_a_gpu(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "lora_lab.bench", "--device", "cuda", "--out", str(tmp_path / "b")],
-                          capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    proc = run_cli([sys.executable, "-m", "lora_lab.bench", "--device", "cuda", "--out", str(tmp_path / "b")], cwd=tmp_path)
     assert proc.returncode == 1
     assert proc.stderr.strip().splitlines()[-1].startswith(
         "error: --device cuda: this machine has no CUDA GPU that torch can use")

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 
 import pandas as pd
 import pytest
 
+from conftest import run_cli
 from lora_lab.bench import truth as truthbench
 
 
@@ -52,13 +52,12 @@ def test_a_small_truth_run_writes_every_documented_key(tmp_path):
     # One calibration and one held-out subject, two settings, two epochs, two seeds, 4 steps:
     # small, but the whole path (studies, read-out, calibration, pruning, validation, page).
     out = tmp_path / "bench"
-    proc = subprocess.run(
+    proc = run_cli(
         [sys.executable, "-m", "lora_lab.bench", "truth", "--out", str(out), "--calibration", "sks",
          "--heldout", "dax", "--cache-dir", str(tmp_path / "cache"),
          "sweep.variants={a:{train.learning_rate:1e-3},b:{train.learning_rate:1e-2}}",
          "sweep.fixed={train.epochs:2,data.repeats:1,data.validation_split:0.25}",
-         "eval.seeds=[1,2]", "eval.steps=4", "eval.strengths=[0,1]"],
-        capture_output=True, text=True, timeout=1200, cwd=tmp_path)
+         "eval.seeds=[1,2]", "eval.steps=4", "eval.strengths=[0,1]"], cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     doc = json.loads((out / "truth.json").read_text())
     for part in ("heldout", "calibration"):

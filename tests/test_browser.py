@@ -6,6 +6,8 @@ import shutil
 
 import pytest
 
+from conftest import run_cli
+
 CHROMIUM, DRIVER = shutil.which("chromium"), shutil.which("chromedriver")
 pytestmark = pytest.mark.skipif(
     not (CHROMIUM and DRIVER),
@@ -105,12 +107,11 @@ def test_front_page_pictures_in_chromium_and_a_running_study_reads(browser, scri
 
 def test_bench_report_times_a_grown_study_in_chromium(tmp_path, cache_dir, demo_dir):
     import json
-    import subprocess
     import sys
 
-    proc = subprocess.run([sys.executable, "-m", "lora_lab.bench", "report", "--trials", "5", "--cache-dir",
-                           str(cache_dir), "--out", str(tmp_path)], capture_output=True, text=True, timeout=600,
-                          cwd=tmp_path)
+    proc = run_cli([sys.executable, "-m", "lora_lab.bench", "report", "--trials", "5", "--cache-dir",
+                    str(cache_dir), "--out", str(tmp_path)],
+                   cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads((tmp_path / "report.json").read_text())
     assert result["trials"] == 6 and 0 < result["page"]["load_s"] < 60

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import random
-import subprocess
 import sys
 
 import numpy as np
@@ -13,6 +12,7 @@ import pytest
 from PIL import Image
 from safetensors import safe_open
 
+from conftest import run_cli
 from lora_lab.config import DataConfig
 from lora_lab.data.buckets import (
     BucketSpec,
@@ -146,11 +146,10 @@ def test_mixed_photos_train_in_buckets_with_the_table_and_doctor_first(tmp_path,
     before training, and the file says what the run did."""
     _mixed_folder(tmp_path)
     out = tmp_path / "run"
-    proc = subprocess.run(
+    proc = run_cli(
         [sys.executable, "-m", "lora_lab.train", "model=tiny", "data=folder", f"data.path={tmp_path / 'data'}",
          "data.token=sks", "train.resolution=32", "train.epochs=1", "data.flip_aug=true", "data.shuffle_caption=true",
-         "data.keep_tokens=1", "eval.suite=object", f"output_dir={out}", f"cache_dir={cache_dir}"],
-        capture_output=True, text=True, timeout=600, cwd=tmp_path)
+         "data.keep_tokens=1", "eval.suite=object", f"output_dir={out}", f"cache_dir={cache_dir}"], cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     text = proc.stdout
     table_at = text.index("number of images (including repeats) per bucket:")

@@ -3,12 +3,12 @@ transformers loading a hub id or a downloaded folder takes."""
 
 from __future__ import annotations
 
-import subprocess
 import sys
 
 import pytest
 from PIL import Image
 
+from conftest import run_cli
 from lora_lab.data.captioner import parse
 from lora_lab.errors import LoraLabError
 
@@ -52,7 +52,7 @@ def test_captions_are_written_with_the_token_and_never_overwritten(blip_dir, tmp
     data = _folder(tmp_path)
     cmd = [sys.executable, "-m", "lora_lab.caption", str(tmp_path / "data"), f"model={blip_dir}", "token=sks",
            "max_new_tokens=6"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    proc = run_cli(cmd)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "captions: 2 written, 1 kept" in proc.stdout and "keeping 1 existing caption" in proc.stdout
     for name in ("a", "b"):
@@ -61,7 +61,7 @@ def test_captions_are_written_with_the_token_and_never_overwritten(blip_dir, tmp
         assert words[0] == "sks" and len(words) == 2
         assert set(words[1].split()) <= set(WORDS[6:])  # the model's own words, decoded
     assert (data / "c.txt").read_text(encoding="utf-8") == "sks, my own caption\n"
-    proc = subprocess.run(cmd + ["overwrite=true", "extension=.caption"], capture_output=True, text=True, timeout=300)
+    proc = run_cli(cmd + ["overwrite=true", "extension=.caption"])
     assert proc.returncode == 0 and "captions: 3 written, 0 kept" in proc.stdout
     assert (data / "c.caption").exists() and (data / "c.txt").read_text(encoding="utf-8") == "sks, my own caption\n"
 
@@ -73,18 +73,16 @@ def test_bad_arguments_are_one_sentence(tmp_path):
         parse([str(tmp_path), "modle=x"])
     with pytest.raises(LoraLabError, match="overwrite must be true or false"):
         parse([str(tmp_path), "model=x", "overwrite=yes"])
-    proc = subprocess.run([sys.executable, "-m", "lora_lab.caption", str(tmp_path / "none"), "model=x"],
-                          capture_output=True, text=True, timeout=120)
+    proc = run_cli([sys.executable, "-m", "lora_lab.caption", str(tmp_path / "none"), "model=x"])
     assert proc.returncode == 2 and "caption: " in proc.stderr and "is not a folder" in proc.stderr
     (tmp_path / "empty").mkdir()
-    proc = subprocess.run([sys.executable, "-m", "lora_lab.caption", str(tmp_path / "empty"),
-                           f"model={tmp_path / 'no-model'}"], capture_output=True, text=True, timeout=120)
+    proc = run_cli([sys.executable, "-m", "lora_lab.caption", str(tmp_path / "empty"),
+                    f"model={tmp_path / 'no-model'}"])
     assert proc.returncode == 2 and "holds no images" in proc.stderr
 
 
 def test_help_prints_the_usage_and_exits_0():
-    proc = subprocess.run([sys.executable, "-m", "lora_lab.caption", "--help"], capture_output=True, text=True,
-                          timeout=120)
+    proc = run_cli([sys.executable, "-m", "lora_lab.caption", "--help"])
     assert proc.returncode == 0
     assert proc.stdout.startswith("usage: python -m lora_lab.caption PATH model=HUB_ID_OR_FOLDER")
     assert "overwrite=true" in proc.stdout  # the module's own description follows

@@ -4,12 +4,12 @@ command's output."""
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 
 import numpy as np
 from PIL import Image, ImageFilter
 
+from conftest import run_cli
 from lora_lab.config import DataConfig
 from lora_lab.data.dataset import load_dataset
 from lora_lab.data.doctor import dhash, examine, identity_outliers, near_duplicates, sharpness
@@ -92,6 +92,22 @@ def test_each_finding_on_an_image_made_to_trigger_it(tmp_path, cache_dir, demo_d
     assert not any(kind in ("no_face", "faces", "small_face", "outlier") for _, kind in found)
 
 
+def test_an_exact_copy_is_named_and_counted_as_training_counts_it(tmp_path, cache_dir, demo_dir):
+    """A byte-identical copy under another name: training shows both files (kohya counts it),
+    so the doctor counts both and names the copy, not as a near-duplicate."""
+    import shutil
+
+    folder = _set(tmp_path, demo_dir)
+    shutil.copyfile(folder / "face2.png", folder / "face2_copy.png")
+    (folder / "face2_copy.txt").write_text("photo of sks woman, the copy", encoding="utf-8")
+    ds = load_dataset(DataConfig(path=str(tmp_path / "data"), token="sks"), cache_dir)
+    assert len(ds.train) == 5  # what training uses
+    found, report = _examine(tmp_path, cache_dir)
+    assert report.images == 5 and report.summary.startswith("5 images, 1 with findings (1 exact copies)")
+    assert found == {("face2_copy.png", "copy"): "face2_copy.png is the same image as face2.png (an exact "
+                                                 "copy: training shows it twice as often)"}
+
+
 def test_measures():
     rng = np.random.default_rng(1)
     sharp = Image.fromarray((rng.random((128, 128)) * 255).astype("uint8"))
@@ -115,30 +131,27 @@ def test_identity_outliers_leave_one_out():
 def test_doctor_command(tmp_path, cache_dir, demo_dir):
     folder = _set(tmp_path, demo_dir)
     (folder / "face0.txt").write_text("a woman", encoding="utf-8")
-    proc = subprocess.run([sys.executable, "-m", "lora_lab.doctor", str(tmp_path / "data"), "data.token=sks",
-                           "train.resolution=48", "train.epochs=5", f"cache_dir={cache_dir}"],
-                          capture_output=True, text=True, timeout=300)
+    proc = run_cli([sys.executable, "-m", "lora_lab.doctor", str(tmp_path / "data"), "data.token=sks",
+                    "train.resolution=48", "train.epochs=5", f"cache_dir={cache_dir}"])
     assert proc.returncode == 0, proc.stderr[-2000:]
     lines = proc.stdout.splitlines()
     assert lines[0].startswith("dataset doctor: 4 images, 1 with findings (1 captions without the token); ")
     assert "kohya steps: 4 images x 10 repeats x 5 epochs / batch 1 = 200 steps" in lines[0]
     assert any("caption lacks the trigger token 'sks'" in line for line in lines)
-    proc = subprocess.run([sys.executable, "-m", "lora_lab.doctor", str(tmp_path / "data"), "--json",
-                           "data.token=sks", f"cache_dir={cache_dir}"], capture_output=True, text=True, timeout=300)
+    proc = run_cli([sys.executable, "-m", "lora_lab.doctor", str(tmp_path / "data"), "--json",
+                    "data.token=sks", f"cache_dir={cache_dir}"])
     assert proc.returncode == 0, proc.stderr[-2000:]
     found = json.loads(proc.stdout)["findings"]
     assert {f["kind"] for f in found} == {"no_token", "small"}  # by default SD 1.5's 512 px: all upscaled
     assert sum(f["kind"] == "small" for f in found) == 4
-    proc = subprocess.run([sys.executable, "-m", "lora_lab.doctor", str(tmp_path / "nothing")],
-                          capture_output=True, text=True, timeout=300)
+    proc = run_cli([sys.executable, "-m", "lora_lab.doctor", str(tmp_path / "nothing")])
     assert proc.returncode == 2 and "data.path:" in proc.stderr and "does not exist" in proc.stderr
 
 
 def test_what_makes_training_impossible_still_stops(tmp_path, cache_dir, demo_dir):
     folder = _set(tmp_path, demo_dir, n=2)
     (folder / "broken.png").write_bytes(b"not an image")
-    proc = subprocess.run([sys.executable, "-m", "lora_lab.doctor", str(tmp_path / "data"), f"cache_dir={cache_dir}"],
-                          capture_output=True, text=True, timeout=300)
+    proc = run_cli([sys.executable, "-m", "lora_lab.doctor", str(tmp_path / "data"), f"cache_dir={cache_dir}"])
     assert proc.returncode == 2 and "broken.png cannot be read as an image" in proc.stderr
 
 
@@ -160,6 +173,5 @@ def test_a_run_prints_a_few_findings_and_the_command_for_all(tmp_path, cache_dir
     assert (f"... and 1 more: python -m lora_lab.doctor {tmp_path / 'data'} train.resolution=512 eval.suite=object "
             "lists every one") in text  # ... and the command that repeats this run's checks
     assert len(data["findings"]) == 4 and json.loads((tmp_path / "doctor.json").read_text())["images"] == 4
-    proc = subprocess.run([sys.executable, "-m", "lora_lab.doctor", "data.token=sks", str(tmp_path / "data")],
-                          capture_output=True, text=True, timeout=300)
+    proc = run_cli([sys.executable, "-m", "lora_lab.doctor", "data.token=sks", str(tmp_path / "data")])
     assert proc.returncode == 2 and "'data.token=sks' looks like a setting; give the data folder" in proc.stderr

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import json
-import subprocess
 import sys
 
 import pandas as pd
@@ -13,7 +12,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from conftest import make_config
+from conftest import make_config, run_cli
 from lora_lab.config import ClipScorerConfig, EvalConfig, FaceScorerConfig
 from lora_lab.data.dataset import load_dataset
 from lora_lab.data.suites import SUITES_DIR, load_suite
@@ -52,7 +51,8 @@ def test_evaluate_writes_grids_cells_scores_and_verdict(base, trained):
     cell = scores[(scores.epoch == 2) & (scores.strength == 1.0) & (scores.seed == 22)].iloc[0]
     info = Image.open(cell.image).text["parameters"]
     assert info.startswith(f"{cell.prompt} <lora:last:1>\nNegative prompt: lowres")
-    assert "Steps: 3, Sampler: Euler a, CFG scale: 7, Seed: 22, Size: 32x32, Model: tiny" in info
+    assert "Steps: 3, Sampler: Euler a, Schedule type: Automatic, CFG scale: 7, Seed: 22, Size: 32x32, Model: tiny" in info
+    assert ", RNG: CPU, " in info  # noise drawn on the CPU, as A1111 writes it
     # The strength-0 cells of every epoch are the same base-model images.
     base_rows = scores[scores.strength == 0.0]
     assert base_rows.groupby(["prompt", "seed"]).image.nunique().max() == 1
@@ -108,11 +108,10 @@ def test_suite_errors(tmp_path):
 
 def test_evaluate_cli(trained, cache_dir, tmp_path):
     _, _, out = trained
-    proc = subprocess.run(
+    proc = run_cli(
         [sys.executable, "-m", "lora_lab.evaluate", f"lora_dir={out / 'lora'}", "model=tiny", "data=demo",
          "eval.steps=2", "eval.seeds=[1]", "eval.strengths=[0,1]", "eval.max_prompts=1",
-         "eval.size=32", f"eval.output_dir={tmp_path / 'ev'}", f"cache_dir={cache_dir}"],
-        capture_output=True, text=True, timeout=600, cwd=tmp_path)
+         "eval.size=32", f"eval.output_dir={tmp_path / 'ev'}", f"cache_dir={cache_dir}"], cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "note: scores not meaningful: random scorer weights" in proc.stdout
     assert "epoch  strength  verdict" in proc.stdout
@@ -120,8 +119,8 @@ def test_evaluate_cli(trained, cache_dir, tmp_path):
     page = (tmp_path / "ev" / "report.html").read_text(encoding="utf-8")
     assert f"report: {tmp_path / 'ev' / 'report.html'}" in proc.stdout and 'class="verdicts"' in page
     assert "scores not meaningful: random scorer weights" in page and "<lora:" not in page  # escaped
-    proc = subprocess.run([sys.executable, "-m", "lora_lab.evaluate", f"lora_dir={out / 'lora'}",
-                           "eval.sampler=Euler b"], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    proc = run_cli([sys.executable, "-m", "lora_lab.evaluate", f"lora_dir={out / 'lora'}",
+                    "eval.sampler=Euler b"], cwd=tmp_path)
     assert proc.returncode == 2 and "eval.sampler: unknown value 'Euler b'" in proc.stderr
 
 
@@ -160,10 +159,10 @@ def test_a_library_error_mid_run_is_one_sentence_with_the_trace_in_a_log(trained
     key = next(k for k in tensors if k.endswith(".lora_down.weight"))
     tensors[key] = torch.zeros(tensors[key].shape[0], tensors[key].shape[1] + 3)
     save_file(tensors, str(bad / src.name))
-    proc = subprocess.run(
+    proc = run_cli(
         [sys.executable, "-m", "lora_lab.evaluate", f"lora_dir={bad}", "model=tiny", "data=demo", "eval.steps=1",
          "eval.seeds=[1]", "eval.strengths=[0,1]", "eval.max_prompts=1", "eval.size=32",
-         f"cache_dir={cache_dir}"], capture_output=True, text=True, timeout=600, cwd=tmp_path)
+         f"cache_dir={cache_dir}"], cwd=tmp_path)
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
     line = proc.stderr.strip().splitlines()[-1]
     assert line.startswith(f"error: evaluate stopped on an unexpected error from a library (while rendering {bad / src.name}): "

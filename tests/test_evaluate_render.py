@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -120,10 +123,49 @@ def test_infotext_is_a1111_parameters():
     assert lines[0] == "photo of anantn <lora:last-000004:0.7>"
     assert lines[1] == "Negative prompt: blurry"
     assert lines[2] == ("Steps: 30, Sampler: DPM++ 2M, Schedule type: Karras, CFG scale: 7, Seed: 363423421, "
-                        'Size: 512x512, Model: sd15, Clip skip: 2, Lora hashes: "last-000004: abcdef012345"')
+                        'Size: 512x512, Model: sd15, Clip skip: 2, RNG: CPU, Lora hashes: "last-000004: abcdef012345"')
     s.model_hash, s.sampler = "0123456789", "Euler a"
-    assert "Sampler: Euler a, CFG scale: 7, Seed: 363423421, Size: 512x512, Model hash: 0123456789, Model: sd15," in (
-        infotext("p", s, 363423421, None, 0, None))
+    assert ("Sampler: Euler a, Schedule type: Automatic, CFG scale: 7, Seed: 363423421, Size: 512x512, "
+            "Model hash: 0123456789, Model: sd15,") in infotext("p", s, 363423421, None, 0, None)
+
+
+# How A1111 (modules/infotext_utils.py, v1.10) reads a PNG's parameters: the last line is the
+# settings when it holds at least three "Key: value" pairs; a line starting "Negative prompt:"
+# begins the negative prompt; a quoted value is JSON; a missing RNG means GPU noise and a
+# missing Schedule type means Automatic.
+_A1111_PARAM = re.compile(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
+
+
+def _a1111_parse(text: str) -> dict:
+    *lines, last = text.strip().split("\n")
+    if len(_A1111_PARAM.findall(last)) < 3:
+        lines, last = lines + [last], ""
+    prompt, negative, in_negative = [], [], False
+    for line in lines:
+        line = line.strip()
+        if line.startswith("Negative prompt:"):
+            in_negative, line = True, line[len("Negative prompt:"):].strip()
+        (negative if in_negative else prompt).append(line)
+    out = {"Prompt": "\n".join(prompt), "Negative prompt": "\n".join(negative)}
+    for key, value in _A1111_PARAM.findall(last):
+        out[key] = json.loads(value) if value[:1] == '"' == value[-1:] else value
+    out.setdefault("RNG", "GPU")
+    out.setdefault("Schedule type", "Automatic")
+    return out
+
+
+def test_infotext_reads_back_as_a1111_reads_it():
+    s = RenderSettings("Euler a", 20, 7.0, 64, [5], "", "tiny")
+    parsed = _a1111_parse(infotext("photo of sks person, red hair", s, 5, "last-000002", 0.5, "0123456789abcdef"))
+    assert parsed["Prompt"] == "photo of sks person, red hair <lora:last-000002:0.5>"
+    assert parsed["Negative prompt"] == ""  # no empty "Negative prompt:" line, as A1111 writes none
+    assert "Negative prompt" not in infotext("p", s, 5, None, 0, None)
+    assert (parsed["Steps"], parsed["Sampler"], parsed["Schedule type"], parsed["CFG scale"], parsed["Seed"]) == (
+        "20", "Euler a", "Automatic", "7", "5")
+    assert parsed["RNG"] == "CPU"  # noise drawn on the CPU: a paste into A1111 draws the same noise
+    assert parsed["Lora hashes"] == "last-000002: 0123456789ab"
+    s.noise_device = "cuda"
+    assert _a1111_parse(infotext("p", s, 5, None, 0, None))["RNG"] == "GPU"  # A1111's default, unwritten
 
 
 def test_samplers_use_a1111_19s_automatic_schedule_and_say_it():

@@ -74,6 +74,30 @@ def test_keys_alpha_and_hash(tiny_dir, tmp_path):
     assert meta["ss_network_dim"] == "4"
 
 
+def test_hashes_are_kohyas_over_the_tensors_and_the_training_record(tmp_path):
+    """kohya's precalculate_safetensors_hashes: both hashes over the tensors serialized with the
+    ``ss_*`` metadata only; the legacy one (64 KiB at 1 MiB) needs a file past 1 MiB to mean
+    anything, so this file is 2 MiB."""
+    import hashlib
+
+    from safetensors.torch import save as serialize
+
+    tensors = {"lora_unet_x.lora_down.weight": torch.arange(512 * 1024, dtype=torch.float32).reshape(512, 1024),
+               "lora_unet_x.alpha": torch.tensor(1.0)}
+    path = tmp_path / "big.safetensors"
+    kohya_io.save_kohya(path, tensors, {"ss_network_dim": 512, "ss_output_name": "big", "modelspec.title": "big"})
+    with safe_open(str(path), framework="pt") as fh:
+        meta = fh.metadata()
+    record = {k: v for k, v in meta.items() if k.startswith("ss_")}
+    assert record == {"ss_network_dim": "512", "ss_output_name": "big"}
+    blob = serialize(load_file(path), record)
+    header = int.from_bytes(blob[:8], "little")
+    assert meta["sshs_model_hash"] == hashlib.sha256(blob[8 + header:]).hexdigest()
+    assert meta["sshs_legacy_hash"] == hashlib.sha256(blob[0x100000:0x110000]).hexdigest()[:8]
+    bare = serialize(load_file(path))  # what it was before: the tensors alone
+    assert meta["sshs_legacy_hash"] != hashlib.sha256(bare[0x100000:0x110000]).hexdigest()[:8]
+
+
 def test_diffusers_loader_reproduces_trained_output(tiny_dir, tmp_path):
     cfg = TrainConfig(network_dim=4, network_alpha=1.0, conv_dim=2, conv_alpha=1.0, text_encoder_lr=5e-5)
     path, expected, base_out = _trained_file(tiny_dir, tmp_path, cfg)

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 
 import torch
 from safetensors.torch import save_file
 
+from conftest import run_cli
 from lora_lab.config import TrainConfig
 from lora_lab.lora import adapters as lora_io
 from lora_lab.lora import kohya as kohya_io
@@ -76,16 +76,14 @@ def test_loha_and_dora_per_tool(tmp_path):
 
 def test_inspect_command(base, tmp_path, cache_dir):
     _kohya_file(base, tmp_path / "mine.safetensors")
-    proc = subprocess.run([sys.executable, "-m", "lora_lab.inspect", str(tmp_path / "mine.safetensors"), "--json",
-                           "--base", "tiny", "--cache-dir", str(cache_dir)], capture_output=True, text=True,
-                          timeout=300)
+    proc = run_cli([sys.executable, "-m", "lora_lab.inspect", str(tmp_path / "mine.safetensors"), "--json",
+                    "--base", "tiny", "--cache-dir", str(cache_dir)])
     assert proc.returncode == 0, proc.stderr[-2000:]
     info = json.loads(proc.stdout)
     assert info["base_model_version"] is None  # no metadata, and the tiny model's cross-attention (32) is no SD's
     assert info["unmatched"] == [] and info["tools"]["diffusers"]["ignores"] == 0
     (tmp_path / "x.ckpt").write_bytes(b"pickle")
-    proc = subprocess.run([sys.executable, "-m", "lora_lab.inspect", str(tmp_path / "x.ckpt")], capture_output=True,
-                          text=True, timeout=300)
+    proc = run_cli([sys.executable, "-m", "lora_lab.inspect", str(tmp_path / "x.ckpt")])
     assert proc.returncode == 2 and "only .safetensors LoRA files are read" in proc.stderr
 
 

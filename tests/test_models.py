@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
@@ -14,6 +13,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from conftest import run_cli
 from lora_lab.config import ModelConfig
 from lora_lab.errors import ModelError
 from lora_lab.models.base import load_base, resolve_source
@@ -71,7 +71,7 @@ def test_hub_id_loads_from_the_local_hub_cache_offline(tiny_dir, tmp_path):
         "print('loaded', b.source, sum(p.numel() for p in b.unet.parameters()))"
     )
     env = {**os.environ, "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    proc = run_cli([sys.executable, "-c", code], env=env)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "loaded someone/tiny-sd" in proc.stdout
 

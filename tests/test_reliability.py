@@ -10,7 +10,6 @@ import re
 import shutil
 import signal
 import socket
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -20,6 +19,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
+from conftest import run_all, run_cli
 from lora_lab.cli import compose
 from lora_lab.errors import LoraLabError
 from lora_lab.report import leaderboard
@@ -37,25 +37,17 @@ def test_sigkill_mid_trial_then_resume(tmp_path, cache_dir, demo_dir):
     args = [sys.executable, "-m", "lora_lab.sweep", *_overrides(
         tmp_path, cache_dir, "sweep.fixed={train.epochs:3,train.resolution:32,data.repeats:8}")]
     study = tmp_path / "sweeps" / "smoke"
-    proc = subprocess.Popen(args, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 400
-    try:
-        while time.time() < deadline:  # wait until the second trial is mid-training
-            if list((study / "trial_1" / "lora").glob("*-000001.safetensors")):
-                break
-            assert proc.poll() is None, "the sweep ended before it could be killed"
-            time.sleep(0.2)
-        else:
-            pytest.fail("trial 1 never started training")
-    finally:
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
+    # Kill it as soon as the second trial is mid-training (its first epoch file is written),
+    # however long the first trial took on this machine.
+    (run,) = run_all([args], cwd=tmp_path,
+                     until=lambda: bool(list((study / "trial_1" / "lora").glob("*-000001.safetensors"))))
+    assert run.returncode == -signal.SIGKILL, f"the sweep ended before it could be killed: {run.stderr[-2000:]}"
     first = json.loads((study / "trial_0" / "trial.json").read_text())
     assert first["state"] == "complete"
     done_mtime = {p.name: p.stat().st_mtime_ns for p in (study / "trial_0" / "lora").iterdir()}
     killed_params = json.loads((study / "trial_1" / "trial.json").read_text())["params"]
 
-    rerun = subprocess.run(args, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    rerun = run_cli(args, cwd=tmp_path)
     assert rerun.returncode == 0, rerun.stderr[-2000:]
     assert "trial 1: its worker" in rerun.stdout and "died; queued again" in rerun.stdout
     table = leaderboard.build(study)
@@ -70,6 +62,18 @@ def test_sigkill_mid_trial_then_resume(tmp_path, cache_dir, demo_dir):
     for f in (study / "trial_1" / "lora").glob("*.safetensors"):  # every file there is whole
         with safe_open(str(f), framework="pt") as fh:
             assert fh.metadata()["ss_network_module"] == "networks.lora"
+
+
+def test_commands_under_test_fail_on_a_stall_not_on_a_slow_machine():
+    """run_cli waits as long as a command makes progress (here 3 s of output against a 2 s
+    limit) and fails one that makes none for the limit, with what it printed."""
+    slow = run_cli([sys.executable, "-c", "import time\nfor i in range(6): print(i, flush=True); time.sleep(0.5)"],
+                   stall=2)
+    assert slow.returncode == 0 and slow.stdout.split() == ["0", "1", "2", "3", "4", "5"]
+    started = time.monotonic()
+    with pytest.raises(pytest.fail.Exception, match=r"made no progress .* for 2 s; output so far:\nwaiting"):
+        run_cli([sys.executable, "-c", "import time; print('waiting', flush=True); time.sleep(60)"], stall=2)
+    assert time.monotonic() - started < 30
 
 
 def test_nan_oom_and_scorer_errors_fail_only_their_trial(tmp_path, cache_dir, demo_dir, monkeypatch):
@@ -154,7 +158,7 @@ def _points_once(table: pd.DataFrame, study: Path, expected: set) -> None:
 def test_two_workers_on_one_machine(tmp_path, cache_dir, demo_dir):
     args = [sys.executable, "-m", "lora_lab.sweep", *_overrides(
         tmp_path, cache_dir, "sweep.grid={train.network_dim:[1,2,3,4]}", "sweep.workers=2")]
-    proc = subprocess.run(args, cwd=tmp_path, capture_output=True, text=True, timeout=900)
+    proc = run_cli(args, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
     study = tmp_path / "sweeps" / "smoke"
     assert len({m for m in re.findall(r"worker (\d+): loaded", proc.stdout)}) == 2
@@ -180,7 +184,7 @@ def postgres(tmp_path):
 
     def as_pg(*cmd):
         full = (["runuser", "-u", user, "--"] if user else []) + [str(PG_BIN / cmd[0]), *cmd[1:]]
-        return subprocess.run(full, capture_output=True, text=True, timeout=120)
+        return run_cli(full)
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -198,11 +202,10 @@ def postgres(tmp_path):
 def test_three_workers_share_a_postgresql_study(tmp_path, cache_dir, demo_dir, postgres):
     args = [sys.executable, "-m", "lora_lab.sweep", *_overrides(
         tmp_path, cache_dir, "sweep.grid={train.network_dim:[1,2,3,4,5,6]}", f"sweep.storage={postgres}")]
-    procs = [subprocess.Popen(args, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for _ in range(3)]  # as if on three machines sharing one database and one folder
-    outs = [p.communicate(timeout=900) for p in procs]
-    for p, (out, err) in zip(procs, outs):
-        assert p.returncode == 0, err[-2000:]
+    runs = run_all([args] * 3, cwd=tmp_path)  # as if on three machines sharing one database and one folder
+    for run in runs:
+        assert run.returncode == 0, run.stderr[-2000:]
+    outs = [(run.stdout, run.stderr) for run in runs]
     study = tmp_path / "sweeps" / "smoke"
     _points_once(leaderboard.build(study), study, {1, 2, 3, 4, 5, 6})
     ran = [len(re.findall(r"trial \d+ complete", out)) for out, _ in outs]
@@ -219,8 +222,7 @@ def test_weights_are_never_unpickled_unsafely():
 def test_a_sweep_writes_only_its_study_report_and_cache(tmp_path, demo_dir):
     work = tmp_path / "cwd"
     work.mkdir()
-    proc = subprocess.run([sys.executable, "-m", "lora_lab.sweep", "+sweep=smoke"], cwd=work,
-                          capture_output=True, text=True, timeout=900)
+    proc = run_cli([sys.executable, "-m", "lora_lab.sweep", "+sweep=smoke"], cwd=work)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert sorted(p.name for p in work.iterdir()) == ["reports", "sweeps"]
     assert sorted(p.name for p in (work / "sweeps").iterdir()) == [".cache", "smoke"]

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import re
-import subprocess
 import sys
 
+from conftest import run_cli
 from lora_lab.report.study import build_report
 from lora_lab.report.tensorboard import read_scalars
 
@@ -77,9 +77,7 @@ def test_failed_trial_page_shows_its_error(script_study, tmp_path):
 
 def test_report_cli(script_study, tmp_path):
     study, _ = script_study
-    proc = subprocess.run([sys.executable, "-m", "lora_lab.report", str(study), "--out", str(tmp_path)],
-                          capture_output=True, text=True, timeout=300)
+    proc = run_cli([sys.executable, "-m", "lora_lab.report", str(study), "--out", str(tmp_path)])
     assert proc.returncode == 0 and f"report: {tmp_path / 'smoke' / 'index.html'}" in proc.stdout
-    proc = subprocess.run([sys.executable, "-m", "lora_lab.report", str(tmp_path / "nope")],
-                          capture_output=True, text=True, timeout=300)
+    proc = run_cli([sys.executable, "-m", "lora_lab.report", str(tmp_path / "nope")])
     assert proc.returncode == 2 and "is not a study folder" in proc.stderr

@@ -6,7 +6,6 @@ reads, and a sweep plus an evaluation of a kohya SDXL file from the command line
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 from pathlib import Path
 
@@ -16,7 +15,7 @@ from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from conftest import make_config
+from conftest import make_config, run_cli
 from lora_lab.config import ModelConfig, TrainConfig
 from lora_lab.data.buckets import BucketSpec, place
 from lora_lab.data.dataset import load_dataset
@@ -253,10 +252,9 @@ def test_vae_nan_is_named_with_the_way_out():
 def test_sdxl_sweep_and_evaluating_a_kohya_sdxl_file_from_the_command_line(xl_dir, cache_dir, tmp_path):
     """model=sdxl's path for a user, on the tiny SDXL model: a sweep, then lora_lab.evaluate on
     its file as one from another tool (a folder holding kohya SDXL files)."""
-    env_run = dict(capture_output=True, text=True, timeout=900, cwd=tmp_path)
-    proc = subprocess.run([sys.executable, "-m", "lora_lab.sweep", "+sweep=smoke", "model=tiny_sdxl",
-                           f"sweep.root={tmp_path / 'sweeps'}", f"sweep.reports={tmp_path / 'reports'}",
-                           f"cache_dir={cache_dir}", "sweep.grid={train.network_dim:[2]}"], **env_run)
+    proc = run_cli([sys.executable, "-m", "lora_lab.sweep", "+sweep=smoke", "model=tiny_sdxl",
+                    f"sweep.root={tmp_path / 'sweeps'}", f"sweep.reports={tmp_path / 'reports'}",
+                    f"cache_dir={cache_dir}", "sweep.grid={train.network_dim:[2]}"], cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "tiny-sdxl" in proc.stdout and "best: trial 0" in proc.stdout
     # what the sweep's trials train on, with its fixed settings (smoke: 1 repeat, 32 px), before the first
@@ -268,9 +266,9 @@ def test_sdxl_sweep_and_evaluating_a_kohya_sdxl_file_from_the_command_line(xl_di
     elsewhere.mkdir()
     for f in lora.glob("*.safetensors"):
         (elsewhere / f"my_xl_lora{f.name[f.name.index('.'):]}").write_bytes(f.read_bytes())
-    proc = subprocess.run([sys.executable, "-m", "lora_lab.evaluate", f"lora_dir={elsewhere}", "model=tiny_sdxl",
-                           "data=demo", "eval.steps=2", "eval.seeds=[1]", "eval.strengths=[0,1]", "eval.max_prompts=1",
-                           f"eval.output_dir={tmp_path / 'ev'}", f"cache_dir={cache_dir}"], **env_run)
+    proc = run_cli([sys.executable, "-m", "lora_lab.evaluate", f"lora_dir={elsewhere}", "model=tiny_sdxl",
+                    "data=demo", "eval.steps=2", "eval.seeds=[1]", "eval.strengths=[0,1]", "eval.max_prompts=1",
+                    f"eval.output_dir={tmp_path / 'ev'}", f"cache_dir={cache_dir}"], cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     cells = sorted((tmp_path / "ev" / "cells").rglob("*.png"))
     assert cells

@@ -13,6 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from conftest import run_cli
 from lora_lab.cli import compose
 from lora_lab.config import conf_dir
 from lora_lab.errors import ConfigError
@@ -73,9 +74,9 @@ def test_a_table_on_the_command_line_replaces_the_sweep_files_table():
         sweep.check_keys(wrong)
     with pytest.raises(ConfigError, match=r"sweep.grid: give a table like"):
         compose(["+sweep=truth", "sweep.grid=[1,2]"])
-    proc = subprocess.run([sys.executable, "-m", "lora_lab.sweep", "+sweep=truth", "sweep.root=/nonexistent/x",
-                           "sweep.grid={train.text_encoder_rl:[1e-3]}"], capture_output=True, text=True,
-                          env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=120)
+    proc = run_cli([sys.executable, "-m", "lora_lab.sweep", "+sweep=truth", "sweep.root=/nonexistent/x",
+                    "sweep.grid={train.text_encoder_rl:[1e-3]}"],
+                   env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert "did you mean train.text_encoder_lr" in proc.stderr.strip().splitlines()[-1]
 
@@ -113,8 +114,7 @@ def test_smoke_sweep_runs_resumes_and_ranks(tmp_path, cache_dir, demo_dir):
     again = sweep.run(cfg)  # resume: nothing left to run
     assert len(again) == 2 and not (study / "trial_2").exists()
     assert (study / "trial_0" / "lora" / "smoke_trial_0.safetensors").stat().st_mtime_ns == mtime
-    proc = subprocess.run([sys.executable, "-m", "lora_lab.leaderboard", str(study), "--best"],
-                          capture_output=True, text=True, timeout=120)
+    proc = run_cli([sys.executable, "-m", "lora_lab.leaderboard", str(study), "--best"])
     best = leaderboard.best(leaderboard.build(study))
     if best is not None:
         assert proc.returncode == 0 and f"A1111: {best.snippet}" in proc.stdout
@@ -137,9 +137,9 @@ def test_a_study_whose_every_trial_failed_exits_non_zero_with_one_sentence(tmp_p
     with pytest.raises(sweep.SweepFailed, match=r"^all 2 trials failed: train\.network_dim: must be a whole number"):
         sweep.run(cfg)
     # The command line, run again on the same study (it resumes: nothing left to run).
-    proc = subprocess.run([sys.executable, "-m", "lora_lab.sweep", "+sweep=smoke", f"sweep.root={tmp_path}",
-                           f"cache_dir={cache_dir}", "sweep.grid={train.network_dim:[0,-1]}"],
-                          capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    proc = run_cli([sys.executable, "-m", "lora_lab.sweep", "+sweep=smoke", f"sweep.root={tmp_path}",
+                    f"cache_dir={cache_dir}", "sweep.grid={train.network_dim:[0,-1]}"],
+                   env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1].startswith("error: all 2 trials failed: train.network_dim")
     info = json.loads((tmp_path / "smoke" / "trial_0" / "trial.json").read_text())

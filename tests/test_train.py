@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import subprocess
 import sys
 from pathlib import Path
 
@@ -11,7 +10,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from conftest import make_config
+from conftest import make_config, run_cli
 from lora_lab.data.dataset import load_dataset
 from lora_lab.errors import TrainingError
 from lora_lab.train.loop import train
@@ -75,7 +74,19 @@ def test_epoch_files_metadata_and_tensorboard(base, cache_dir, demo_dir, tmp_pat
     assert meta["modelspec.title"] == "last" and meta["modelspec.resolution"] == "32x32"
     assert meta["modelspec.prediction_type"] == "epsilon" and "modelspec_title" not in meta
     with safe_open(str(lora / "last.safetensors"), framework="pt") as fh:
-        assert fh.metadata()["ss_training_finished_at"] != "None"
+        last = fh.metadata()
+    assert last["ss_training_finished_at"] != "None"
+    # kohya's forms: no network args -> no key; rates not given -> None; the optimizer's class path;
+    # one random session id for all epoch files of a run; its validation keys.
+    assert "ss_network_args" not in meta
+    assert meta["ss_text_encoder_lr"] == "None" and meta["ss_unet_lr"] == "None"
+    assert meta["ss_network_train_unet_only"] == "True"
+    assert meta["ss_optimizer"] == "torch.optim.adamw.AdamW"
+    assert meta["ss_session_id"].isdigit() and 0 <= int(meta["ss_session_id"]) <= 2**32
+    assert last["ss_session_id"] == meta["ss_session_id"]
+    assert (meta["ss_validation_split"], meta["ss_validation_seed"], meta["ss_num_validation_images"]) == (
+        "0.0", "0", "0")
+    assert meta["ss_validate_every_n_epochs"] == "None" and meta["ss_max_validation_steps"] == "None"
     ups = [v for k, v in load_file(lora / "last.safetensors").items() if k.endswith("lora_up.weight")]
     assert ups and all(v.abs().sum() > 0 for v in ups)  # training moved every up matrix off zero
     scalars = _scalars(tmp_path / "run" / "tb")
@@ -103,10 +114,35 @@ def test_text_encoder_lora_and_loss_options(base, cache_dir, demo_dir, tmp_path)
          gradient_accumulation=2)
     tensors = load_file(tmp_path / "te" / "lora" / "last.safetensors")
     assert any(k.startswith("lora_te_text_model_encoder_layers_") for k in tensors)
+    with safe_open(str(tmp_path / "te" / "lora" / "last.safetensors"), framework="pt") as fh:
+        meta = fh.metadata()
+    assert meta["ss_text_encoder_lr"] == "0.0005" and meta["ss_network_train_unet_only"] == "False"
     scalars = _scalars(tmp_path / "te" / "tb")
     lrs = [v for _, v in scalars["lr/unet"]]
     assert len(lrs) == 3 and lrs[0] < lrs[1] and lrs[2] < lrs[1]  # one warmup step, then cosine decay
     assert "lr/textencoder" in scalars
+
+
+def test_metadata_of_a_run_with_network_args_rates_and_validation_as_kohya_writes_it(base, cache_dir, demo_dir,
+                                                                                      tmp_path):
+    """kohya's train_network.py forms: ``ss_network_args`` the --network_args strings as JSON,
+    ``ss_optimizer`` the class path with its arguments, the rates as given, the validation keys."""
+    import dataclasses
+    import json
+
+    cfg = make_config(cache_dir, tmp_path / "run", epochs=1, conv_dim=2, conv_alpha=0.5, unet_lr=2e-4,
+                      optimizer_args={"weight_decay": 0.1})
+    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, validation_split=0.25, validation_seed=3))
+    ds = load_dataset(cfg.data, cache_dir)
+    train(cfg, base, ds, tmp_path / "run")
+    with safe_open(str(tmp_path / "run" / "lora" / "last.safetensors"), framework="pt") as fh:
+        meta = fh.metadata()
+    assert json.loads(meta["ss_network_args"]) == {"conv_dim": "2", "conv_alpha": "0.5"}
+    assert meta["ss_optimizer"] == "torch.optim.adamw.AdamW(weight_decay=0.1)"
+    assert meta["ss_unet_lr"] == "0.0002" and meta["ss_learning_rate"] == "0.001"
+    assert meta["ss_text_encoder_lr"] == "None"
+    assert (meta["ss_validation_split"], meta["ss_validation_seed"], meta["ss_num_validation_images"]) == (
+        "0.25", "3", "3")  # 3 of the 12 demo images, 1 repeat
 
 
 def test_adapters_attach_through_peft_not_the_model_libraries(base, cache_dir, demo_dir, tmp_path, monkeypatch):
@@ -212,8 +248,7 @@ def test_latent_cache_is_keyed_by_content_bucket_and_mirroring(base, cache_dir, 
 
 
 def _cli(*args, cwd):
-    return subprocess.run([sys.executable, "-m", "lora_lab.train", *args], cwd=cwd, capture_output=True,
-                          text=True, timeout=600)
+    return run_cli([sys.executable, "-m", "lora_lab.train", *args], cwd=cwd)
 
 
 def test_cli_trains_and_reports(cache_dir, tmp_path):

@@ -8,7 +8,8 @@ every training run and sweep, and on the report's front page). Findings:
 * for a person: no face, more than one face, a head filling less than half of the picture
   (estimated as twice MTCNN's brow-to-chin box), and a face far from the others (leave-one-out
   distance to the others' centroid);
-* near-duplicates (a 64-bit difference hash within :data:`DUPLICATE_BITS` bits);
+* exact copies (the same bytes under another name: training shows both) and near-duplicates
+  (a 64-bit difference hash within :data:`DUPLICATE_BITS` bits);
 * captions without the trigger token, identical captions, captions past CLIP's 75 tokens
   (the rest is cut off in training).
 
@@ -186,7 +187,9 @@ def examine(samples, *, resolution: int, token: Optional[str], person: bool, fac
     checked for readability only)."""
     started = time.perf_counter()
     spec = buckets or BucketSpec(resolution)
-    train = list({s.id: s for s in samples if not s.is_reg}.values())
+    # One entry per file, as training counts them: a byte-identical copy is an image of its own
+    # (kohya trains both), reported below as a copy.
+    train = list({s.path: s for s in samples if not s.is_reg}.values())
     report = DoctorReport(images=len(train))
     add = report.findings.append
     if person and faces is None:
@@ -227,8 +230,15 @@ def examine(samples, *, resolution: int, token: Optional[str], person: bool, fac
         n_tokens = _token_count(caption)
         if n_tokens > MAX_TOKENS:
             add(Finding(name, "long_caption", f"caption has {n_tokens} tokens; past {MAX_TOKENS} it is cut off"))
+    first_of: Dict[str, int] = {}
+    for j, s in enumerate(train):
+        i = first_of.setdefault(s.id, j)
+        if i != j:
+            add(Finding(str(s.path), "copy", f"{s.path.name} is the same image as {train[i].path.name} "
+                                             "(an exact copy: training shows it twice as often)"))
     for i, j in near_duplicates(hashes):
-        add(Finding(str(train[j].path), "duplicate", f"near-duplicate of {train[i].path.name}"))
+        if train[i].id != train[j].id:
+            add(Finding(str(train[j].path), "duplicate", f"near-duplicate of {train[i].path.name}"))
     # Random FaceNet weights (offline, no weights file) would flag faces by chance: no check then.
     meaningful = faces is not None and not faces.embedder.random
     for name, sim in identity_outliers(faces.embeddings() if meaningful else {}).items():
@@ -253,7 +263,8 @@ def examine(samples, *, resolution: int, token: Optional[str], person: bool, fac
 
 
 _KIND_WORDS = {"small": "below the training size", "blurry": "blurry", "no_face": "without a face",
-               "faces": "with several faces", "small_face": "with a small face", "duplicate": "near-duplicates",
+               "faces": "with several faces", "small_face": "with a small face", "copy": "exact copies",
+               "duplicate": "near-duplicates",
                "outlier": "identity outliers", "no_token": "captions without the token",
                "same_caption": "groups of identical captions", "long_caption": "captions past 75 tokens"}
 

@@ -71,26 +71,32 @@ class RenderSettings:
     clip_skip: int = 1
     batch_size: Optional[int] = None
     model_hash: Optional[str] = None  # A1111's short hash (sha256[:10]) of a single-file checkpoint
-    mixed_precision: Optional[str] = None  # fp16 / bf16: autocast the UNet and text encoder on a GPU  # images per pipeline call; None: from free memory
+    mixed_precision: Optional[str] = None  # fp16 / bf16: autocast the UNet and text encoder on a GPU
+    noise_device: str = "cpu"  # where the seeds' noise is drawn (render sets it from the UNet's device)
 
 
 def infotext(prompt: str, settings: RenderSettings, seed: int, label: Optional[str], strength: float,
              lora_hash: Optional[str]) -> str:
-    """A1111's ``parameters`` text: prompt (with ``<lora:name:strength>``), negative, settings."""
+    """A1111's ``parameters`` text as A1111 1.9+ writes it: the prompt (with
+    ``<lora:name:strength>``), the negative prompt's line only when there is one, then the
+    settings, with ``Schedule type`` always (``Automatic``: the sampler's own) and
+    ``RNG: CPU`` for noise drawn on the CPU (A1111 reads a missing RNG as GPU noise, which
+    draws other images from the same seed)."""
     text = prompt if label is None else f"{prompt} <lora:{label}:{strength:g}>"
     sampler, schedule = a1111_sampler(settings.sampler)
-    fields = [f"Steps: {settings.steps}", f"Sampler: {sampler}"]
-    if schedule:
-        fields.append(f"Schedule type: {schedule}")
-    fields += [f"CFG scale: {settings.cfg_scale:g}", f"Seed: {seed}", f"Size: {settings.size}x{settings.size}"]
+    fields = [f"Steps: {settings.steps}", f"Sampler: {sampler}", f"Schedule type: {schedule or 'Automatic'}",
+              f"CFG scale: {settings.cfg_scale:g}", f"Seed: {seed}", f"Size: {settings.size}x{settings.size}"]
     if settings.model_hash:
         fields.append(f"Model hash: {settings.model_hash}")
     fields.append(f"Model: {settings.model_name}")
     if settings.clip_skip > 1:
         fields.append(f"Clip skip: {settings.clip_skip}")
+    if settings.noise_device == "cpu":
+        fields.append("RNG: CPU")
     if label is not None and lora_hash:
         fields.append(f'Lora hashes: "{label}: {lora_hash[:12]}"')
-    return f"{text}\nNegative prompt: {settings.negative_prompt}\n{', '.join(fields)}"
+    negative = f"\nNegative prompt: {settings.negative_prompt}" if settings.negative_prompt else ""
+    return f"{text}{negative}\n{', '.join(fields)}"
 
 
 def save_png(image: Image.Image, path: Path, parameters: str) -> None:

@@ -9,6 +9,7 @@ size, so the differences come from the LoRA alone. Each image carries A1111 info
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 import time
 from dataclasses import dataclass
@@ -170,6 +171,7 @@ def render(pipe, lora_files: Sequence[Tuple[int, Path, Dict[str, torch.Tensor], 
         plan[_plan_key(settings, pipe.unet)] = settings.batch_size
     pipe.scheduler = make_scheduler(settings.sampler, dict(pipe.scheduler.config))
     unet, text_encoder = pipe.unet, text_encoders(pipe)
+    settings = dataclasses.replace(settings, noise_device=unet.device.type)  # what the infotext says
     lora_strengths = [float(s) for s in strengths if s != 0]
     total = len(prompts) * (1 + len(lora_files) * len(lora_strengths)) * len(settings.seeds)
     bar = tqdm(total=total, desc="rendering", unit="img", disable=not progress, mininterval=1.0)

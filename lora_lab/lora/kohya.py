@@ -53,10 +53,13 @@ def _kohya_module_name(prefix: str, name: str, unet=None) -> str:
     return name.replace(".", "_")
 
 
-def model_hashes(tensors: Dict[str, torch.Tensor]) -> Dict[str, str]:
+def model_hashes(tensors: Dict[str, torch.Tensor], metadata: Optional[Dict[str, str]] = None) -> Dict[str, str]:
     """kohya's ``sshs_model_hash`` (sha256 of the tensor payload after the header) and
-    ``sshs_legacy_hash`` (A1111's old short hash: 64 KiB at offset 1 MiB of the file)."""
-    blob = safetensors_bytes(tensors)
+    ``sshs_legacy_hash`` (the old short hash of sd-webui-additional-networks: 64 KiB at offset
+    1 MiB), both over the file as kohya serializes it for hashing: the tensors with the
+    ``ss_*`` metadata only (the training record, which later edits do not touch)."""
+    kept = {k: v for k, v in (metadata or {}).items() if k.startswith("ss_")}
+    blob = safetensors_bytes(tensors, metadata=kept)
     header = int.from_bytes(blob[:8], "little")
     model_hash = hashlib.sha256(blob[8 + header :]).hexdigest()
     legacy = hashlib.sha256(blob[0x100000 : 0x100000 + 0x10000]).hexdigest()[:8]
@@ -66,7 +69,7 @@ def model_hashes(tensors: Dict[str, torch.Tensor]) -> Dict[str, str]:
 def save_kohya(path: Path, tensors: Dict[str, torch.Tensor], metadata: Dict[str, str]) -> None:
     """Write a kohya LoRA file atomically, with hashes added to the metadata."""
     meta = {k: str(v) for k, v in metadata.items()}
-    meta.update(model_hashes(tensors))
+    meta.update(model_hashes(tensors, meta))
     atomic_save(tensors, Path(path), metadata=meta)
 
 

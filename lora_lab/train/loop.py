@@ -168,6 +168,7 @@ def _loop(config, base, dataset, output_dir, on_epoch, accelerator, optimizer, l
     writer = SummaryWriter(log_dir=str(output_dir / "tb"))
     result = TrainResult(output_dir=output_dir)
     started = train_meta.now()
+    session_id = random.SystemRandom().randint(0, 2**32)  # kohya's: one id for all of a run's epoch files
     unet.train()
     for index, encoder in enumerate(encoders):
         encoder.train(bool(t.text_encoder_lr_of(index)))
@@ -266,7 +267,7 @@ def _loop(config, base, dataset, output_dir, on_epoch, accelerator, optimizer, l
                 path = lora_dir / f"{name}.safetensors"
                 meta = train_meta.metadata(config, base, dataset, epoch=epoch, steps=step, max_steps=max_steps,
                                  started=started, finished=train_meta.now() if last else None, warmup=warmup,
-                                 batches_per_epoch=per_epoch)
+                                 batches_per_epoch=per_epoch, session_id=session_id)
                 kohya_io.save_kohya(path, kohya_io.kohya_state_dict(
                     unet, encoders if t.trains_text_encoder else None), meta)
                 result.lora_files[epoch] = path

@@ -7,6 +7,7 @@ checkpoints of its version) and the model-spec architecture ``stable-diffusion-x
 
 from __future__ import annotations
 
+import json
 from dataclasses import asdict
 from datetime import datetime, timezone
 from pathlib import Path
@@ -19,26 +20,31 @@ from lora_lab.data.steps import bucket_table
 from lora_lab.files import file_sha256, legacy_file_hash
 from lora_lab.lora import kohya as kohya_io
 from lora_lab.models.base import BaseModel
+from lora_lab.train.optimizers import optimizer_class, optimizer_kwargs
 from lora_lab.versions import versions
 
 
 def metadata(config: Config, base: BaseModel, dataset: Dataset, *, epoch: int, steps: int,
               max_steps: int, started: str, finished: Optional[str], warmup: int,
-              batches_per_epoch: int) -> Dict[str, str]:
+              batches_per_epoch: int, session_id: int) -> Dict[str, str]:
+    """The metadata of one saved epoch file, field by field in kohya's forms: ``None`` where
+    kohya writes None (a rate that was not given), JSON for its dicts, and no
+    ``ss_network_args`` at all when there are none. ``session_id`` ties one run's epoch files
+    together (kohya's random ``ss_session_id``)."""
     t = config.train
     buckets = _bucket_fields(config, dataset)
-    return kohya_io.kohya_metadata(
+    out = kohya_io.kohya_metadata(
+        ss_session_id=session_id,
         ss_network_module="networks.lora",
         ss_network_dim=t.network_dim,
         ss_network_alpha=t.network_alpha,
-        ss_network_args={"conv_dim": t.conv_dim, "conv_alpha": t.conv_alpha} if t.conv_dim else None,
         ss_learning_rate=t.learning_rate,
-        ss_unet_lr=t.effective_unet_lr,
-        ss_text_encoder_lr=t.text_encoder_lr or 0,
+        ss_unet_lr=t.unet_lr,
+        ss_text_encoder_lr=text_encoder_lr(t),
         ss_network_train_unet_only=not t.trains_text_encoder,
         ss_lr_scheduler=t.lr_scheduler,
         ss_lr_warmup_steps=warmup,
-        ss_optimizer=t.optimizer + (f"({t.optimizer_args})" if t.optimizer_args else ""),
+        ss_optimizer=optimizer_record(t, base.device),
         ss_epoch=epoch,
         ss_steps=steps,
         ss_max_train_steps=max_steps,
@@ -54,6 +60,14 @@ def metadata(config: Config, base: BaseModel, dataset: Dataset, *, epoch: int, s
         ss_noise_offset=t.noise_offset,
         ss_min_snr_gamma=t.min_snr_gamma,
         ss_prior_loss_weight=config.data.prior_loss_weight,
+        # kohya's validation keys: the held-out share, its seed, its images x repeats; the loss
+        # is taken at every epoch's end (kohya's None for the every-n settings and the cap).
+        ss_validation_split=config.data.validation_split,
+        ss_validation_seed=config.data.validation_seed,
+        ss_num_validation_images=sum(s.repeats for s in dataset.validation),
+        ss_max_validation_steps=None,
+        ss_validate_every_n_epochs=None,
+        ss_validate_every_n_steps=None,
         **checkpoint_fields(base.source),
         ss_base_model_version=base.base_version,
         ss_num_batches_per_epoch=batches_per_epoch,
@@ -83,6 +97,33 @@ def metadata(config: Config, base: BaseModel, dataset: Dataset, *, epoch: int, s
         # whose behaviour shapes the file, as JSON beside it.
         lora_lab_versions=versions(),
     )
+    if t.conv_dim:  # kohya's form: the --network_args strings as given, as JSON
+        out["ss_network_args"] = json.dumps({"conv_dim": _arg(t.conv_dim), "conv_alpha": _arg(t.conv_alpha)})
+    return out
+
+
+def text_encoder_lr(t) -> Optional[object]:
+    """kohya's ``ss_text_encoder_lr``: None when the text encoders are not trained (or no rate
+    was given), the rate, or SDXL's two rates as a list."""
+    if not t.trains_text_encoder:
+        return None
+    if t.text_encoder_2_lr is not None:
+        return [t.text_encoder_lr_of(0), t.text_encoder_lr_of(1)]
+    return t.text_encoder_lr
+
+
+def optimizer_record(t, device) -> str:
+    """kohya's ``ss_optimizer``: the optimizer's class path, its arguments appended as
+    ``(key=value,...)`` when there are any (``torch.optim.adamw.AdamW``)."""
+    cls = optimizer_class(t.optimizer, device)
+    args = optimizer_kwargs(t)
+    given = ",".join(f"{k}={v}" for k, v in args.items())
+    return f"{cls.__module__}.{cls.__name__}" + (f"({given})" if given else "")
+
+
+def _arg(value) -> str:
+    """A number as a user types it into kohya's ``--network_args`` (4, 1, 0.5)."""
+    return f"{value:g}" if isinstance(value, float) else str(value)
 
 
 def checkpoint_fields(source: str) -> Dict[str, str]:

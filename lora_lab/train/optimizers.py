@@ -54,14 +54,20 @@ def optimizer_class(name: str, device: torch.device):
 
 def make_optimizer(cfg: TrainConfig, groups: List[dict], device: torch.device) -> torch.optim.Optimizer:
     cls = optimizer_class(cfg.optimizer, device)
-    args = dict(cfg.optimizer_args)
-    if cfg.optimizer == "adafactor":
-        # A fixed learning rate, as kohya recommends for LoRA: no relative step or scaling.
-        args = {"scale_parameter": False, "relative_step": False, "warmup_init": False, **args}
+    args = optimizer_kwargs(cfg)
     try:
         return cls(groups, lr=groups[0]["lr"], **args)
     except TypeError as exc:
         raise TrainingError(f"train.optimizer_args for {cfg.optimizer}: {exc}") from None
+
+
+def optimizer_kwargs(cfg: TrainConfig) -> dict:
+    """The optimizer's arguments besides the learning rate: the user's, over our defaults."""
+    args = dict(cfg.optimizer_args)
+    if cfg.optimizer == "adafactor":
+        # A fixed learning rate, as kohya recommends for LoRA: no relative step or scaling.
+        args = {"scale_parameter": False, "relative_step": False, "warmup_init": False, **args}
+    return args
 
 
 def warmup_steps(cfg: TrainConfig, steps: int) -> int:
