@@ -10,6 +10,7 @@ import pytest
 
 from conftest import run_cli
 from lora_lab.bench import truth as truthbench
+from lora_lab.bench import truth_pruning
 
 
 def test_wilson_interval_matches_the_textbook_values():
@@ -21,13 +22,18 @@ def test_wilson_interval_matches_the_textbook_values():
 def test_figures_count_recall_precision_and_picks():
     cells = pd.DataFrame({"true_verdict": ["underfit", "underfit", "good", "good", "overfit", "overfit"],
                           "verdict": ["underfit", "good", "good", "good", "overfit", "good"]})
-    picks = [{"rank": 1}, {"rank": 4}, {"rank": None}]
+    picks = [{"rank": 1, "true_share": 1.0, "pick_true_verdict": "good"},
+             {"rank": 4, "true_share": 0.96, "pick_true_verdict": "good"},
+             {"rank": 2, "true_share": 1.02, "pick_true_verdict": "overfit"},
+             {"rank": None, "true_share": None, "pick_true_verdict": None}]
     f = truthbench.figures(cells, picks)
     assert f["count"] == {"underfit": 2, "good": 2, "overfit": 2}
     assert f["agreement"]["value"] == pytest.approx(4 / 6, abs=1e-4) and f["agreement"]["n"] == 6
     assert f["recall"]["overfit"]["value"] == 0.5 and f["recall"]["good"]["value"] == 1.0
     assert f["precision"]["good"]["value"] == 0.5  # 2 of the 4 cells called good are good
-    assert f["picks_in_true_top3"]["value"] == pytest.approx(1 / 3, abs=1e-4)  # no pick counts as a miss
+    assert f["picks_in_true_top3"]["value"] == pytest.approx(2 / 4, abs=1e-4)  # no pick counts as a miss
+    # picks.regret: within 5% of the true best, and not truly overfit (a pick that loses an ask is a miss)
+    assert f["picks_regret"]["within_5pct"]["value"] == pytest.approx(2 / 4) and f["picks_regret"]["worst_share"] == 0.96
     assert f["confusion"]["overfit"] == {"underfit": 0, "good": 1, "overfit": 1}
 
 
@@ -39,11 +45,11 @@ def test_the_pruner_replay_feeds_optuna_the_recorded_checks():
               "s/trial_2": {1: 0.2, 2: 0.3}, "s/trial_3": {1: 1.5, 2: 1.6}}
     finals = {"s/trial_0": 1.3, "s/trial_1": 1.4, "s/trial_2": 0.4, "s/trial_3": 1.7}
     make = lambda: optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=0)  # noqa: E731
-    out = truthbench.replay_pruner(make, {"s": trials}, values, finals, {"s": "s/trial_3"})
+    out = truth_pruning.replay_pruner(make, {"s": trials}, values, finals, {"s": "s/trial_3"})
     assert out["pruned"] == ["s/trial_2"]  # below the median at epoch 1; trial 3 is above it
     assert out["trial_epochs_saved"] == pytest.approx(2 / 12, abs=1e-4)  # 3 epochs each; trial 2 stopped after 1
     assert out["true_best_pruned"] == 0
-    lost = truthbench.replay_pruner(make, {"s": trials}, values, finals, {"s": "s/trial_2"})
+    lost = truth_pruning.replay_pruner(make, {"s": trials}, values, finals, {"s": "s/trial_2"})
     assert lost["true_best_pruned"] == 1
 
 
@@ -51,10 +57,15 @@ def test_the_pruner_replay_feeds_optuna_the_recorded_checks():
 def test_a_small_truth_run_writes_every_documented_key(tmp_path):
     # One calibration and one held-out subject, two settings, two epochs, two seeds, 4 steps:
     # small, but the whole path (studies, read-out, calibration, pruning, validation, page).
+    # The held-out subject is given as a file of one's own (here a copy of dax's).
+    from lora_lab.toyworld.subjects import subject_path
+
+    mine = tmp_path / "mydax.yaml"
+    mine.write_text(subject_path("dax").read_text(encoding="utf-8"), encoding="utf-8")
     out = tmp_path / "bench"
     proc = run_cli(
         [sys.executable, "-m", "lora_lab.bench", "truth", "--out", str(out), "--calibration", "sks",
-         "--heldout", "dax", "--cache-dir", str(tmp_path / "cache"),
+         "--heldout", str(mine), "--cache-dir", str(tmp_path / "cache"),
          "sweep.variants={a:{train.learning_rate:1e-3},b:{train.learning_rate:1e-2}}",
          "sweep.fixed={train.epochs:2,data.repeats:1,data.validation_split:0.25}",
          "eval.seeds=[1,2]", "eval.steps=4", "eval.strengths=[0,1]"], cwd=tmp_path)
@@ -66,6 +77,9 @@ def test_a_small_truth_run_writes_every_documented_key(tmp_path):
         assert set(f["recall"]) == set(f["count"]) == {"underfit", "good", "overfit"}
         assert sum(f["count"].values()) == 4
         assert set(f["agreement"]) == {"value", "ci95", "n"} and set(f["picks_in_true_top3"]) == {"value", "ci95", "n"}
+        assert set(f["picks_regret"]["within_5pct"]) == {"value", "ci95", "n"} and f["picks_regret"]["within_5pct"]["n"] == 2
+        shares = [pick["true_share"] for pick in f["picks"] if pick["true_share"] is not None]
+        assert all(x >= 0 for x in shares)  # a share of the trial's true best
     assert {"underfit_gain", "adherence_drop", "diversity_drop", "copy_threshold"} <= set(doc["thresholds"])
     assert set(doc["pruning"]) >= {"spearman_by_epoch", "pruners"}
     now = doc["pruning"]["pruners"]["heldout"]["25th percentile, 1 warm-up epoch"]
@@ -81,4 +95,5 @@ def test_a_small_truth_run_writes_every_documented_key(tmp_path):
     if parted:
         first = page.split('<div class="cell"')[1]
         assert first.count(">base seed 1<") == 5  # the base model's image once per prompt (5 prompts)
-    assert "agreement" in proc.stdout and "held out dax" in proc.stdout
+    assert "agreement" in proc.stdout and "held out mydax" in proc.stdout and (out / "truth" / "truth_mydax").is_dir()
+    assert "picks within 5% of the trial's true best" in proc.stdout

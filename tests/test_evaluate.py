@@ -104,6 +104,15 @@ def test_suite_errors(tmp_path):
         load_suite(str(bad), "sks")
     with pytest.raises(ConfigError, match="eval.suite: 'robots' is not a suite file; built-in suites: object, person"):
         load_suite("robots", "sks")
+    same = tmp_path / "same.yaml"
+    same.write_text("kind: person\nlikeness: ['photo of {token}']\nadaptability:\n"
+                    "  - {prompt: '{token} with short hair', judge: 'a person with short hair', "
+                    "versus: 'a person with short hair'}\n")
+    with pytest.raises(ConfigError, match=r"'versus' of '\{token\} with short hair' must be a text that differs"):
+        load_suite(str(same), "sks")
+    good = tmp_path / "good.yaml"
+    good.write_text(same.read_text().replace("versus: 'a person with short hair'", "versus: 'a person with long hair'"))
+    assert load_suite(str(good), "sks").prompts[1].versus == "a person with long hair"
 
 
 def test_evaluate_cli(trained, cache_dir, tmp_path):

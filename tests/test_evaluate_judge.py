@@ -39,7 +39,8 @@ def test_verdicts_and_reasons():
     assert v[(2, 0.7)].verdict == "good" and math.isclose(v[(2, 0.7)].gain, 0.4 / 0.6)
     assert v[(2, 1.0)].verdict == "overfit"
     assert v[(2, 1.0)].reasons == ["the asked change fades: 'photo of sks with red hair' matches its text 26% less "
-                                   "than on the base model (CLIP 21.3 vs base 28.9)"]
+                                   "than on the base model (CLIP 21.3 vs base 28.9; the suite gives no 'versus' for "
+                                   "it, so this is a similarity, blind to a small lost change)"]
     assert v[(2, 0.7)].reasons[0].startswith("likeness 0.600, 67% of the way from the base model to the training "
                                              "images (0.800); asked changes kept: adherence 27.5 vs base 28.9")
     assert v[(3, 1.0)].verdict == "overfit" and "nearly copies training image 07.png (CLIP-I 0.970" in v[(3, 1.0)].reasons[0]
@@ -66,6 +67,56 @@ def test_best_cell_is_highest_combined_non_overfit():
 def test_no_best_when_everything_overfits():
     t = pd.DataFrame([_cell(1, 0.0, 0.2, 28.9), _cell(1, 1.0, 0.7, 10.0)])
     assert best_cell(judge(t, 0.8, JudgeConfig())) is None
+
+
+def _contrastive_scores(cell_probs, base_probs=(0.9, 0.8, 0.95)):
+    """Per-image rows: one likeness prompt, one ask with a versus; the ask's probabilities per seed."""
+    rows = []
+    for strength, probs, like in ((0.0, base_probs, 0.2), (1.0, cell_probs, 0.7)):
+        for seed, p in enumerate(probs):
+            common = {"epoch": 1, "label": "a", "strength": strength, "seed": seed, "face_detected": True,
+                      "clip_i_max": 0.6, "closest_reference": "r.png", "diversity": 0.2}
+            rows.append({**common, "prompt_kind": "likeness", "prompt": "photo of dax", "face_likeness": like,
+                         "clip_i": 0.5, "clip_adherence": float("nan"), "ask_prob": float("nan"),
+                         "judge": None, "versus": None})
+            rows.append({**common, "prompt_kind": "adaptability", "prompt": "photo of dax with brown eyes",
+                         "face_likeness": like, "clip_i": 0.5, "clip_adherence": 28.0, "ask_prob": p,
+                         "judge": "a photo of a person with brown eyes", "versus": "a photo of a person with blue eyes"})
+    return pd.DataFrame(rows)
+
+
+def test_a_lost_ask_is_seen_against_the_subjects_own_and_said_in_plain_words():
+    """The CLIP score does not move (28.0 on every image), but the images are more like the
+    subject's blue eyes than the asked brown: overfit, with what was asked and what showed."""
+    agg = aggregate(_contrastive_scores((0.1, 0.3, 0.2)), "person")
+    cell = judge(agg, 0.8, JudgeConfig(ask_drop=0.25)).set_index("strength").loc[1.0]
+    assert cell.verdict == "overfit"
+    assert cell.reasons == ["asked brown eyes; the images are more like blue eyes in 3 of 3 seeds (P(ask) 0.20); "
+                            "base model: brown eyes in 3 of 3 (P 0.88)"]
+    kept = judge(aggregate(_contrastive_scores((0.9, 0.7, 0.4)), "person"), 0.8, JudgeConfig(ask_drop=0.25))
+    kept = kept.set_index("strength").loc[1.0]
+    assert kept.verdict == "good"  # mean 0.67 against 0.88: within a quarter of the base model
+    assert kept.reasons[0].endswith("asked changes kept: brown eyes in 2 of 3")
+    # the threshold is a probability ratio: the same cut-off means the same on any CLIP
+    assert judge(aggregate(_contrastive_scores((0.9, 0.7, 0.4)), "person"), 0.8,
+                 JudgeConfig(ask_drop=0.2)).set_index("strength").loc[1.0].verdict == "overfit"
+    # ask_drop 1 turns the probability check off; the CLIP score (unchanged here) still applies
+    assert judge(agg, 0.8, JudgeConfig(ask_drop=1.0)).set_index("strength").loc[1.0].verdict == "good"
+
+
+def test_the_pick_among_near_ties_is_the_gentler_cell():
+    """Cells within the seeds' noise of the best: the lower strength, then the earlier epoch."""
+    t = pd.DataFrame([_cell(1, 0.0, 0.20, 28.9), _cell(2, 1.5, 0.66, 28.0), _cell(2, 1.0, 0.65, 28.0),
+                      _cell(3, 1.0, 0.64, 28.0), _cell(2, 0.5, 0.40, 28.0)])
+    t["likeness_se"] = 0.02  # 0.02 / 0.6 of the way: about 3 points of gain
+    one_se = JudgeConfig(pick_noise=1.0)
+    assert (best_cell(judge(t, 0.80, one_se)).epoch, best_cell(judge(t, 0.80, one_se)).strength) == (2, 1.0)
+    t["likeness_se"] = 0.001  # a precise measurement: the highest score wins
+    best = best_cell(judge(t, 0.80, one_se))
+    assert (best.epoch, best.strength) == (2, 1.5)
+    t["likeness_se"] = 0.02
+    best = best_cell(judge(t, 0.80, JudgeConfig(pick_noise=0)))  # pick_noise 0: the highest, whatever the noise
+    assert (best.epoch, best.strength) == (2, 1.5)
 
 
 def test_no_face_is_a_miss_not_a_zero():

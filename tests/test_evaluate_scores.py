@@ -40,6 +40,23 @@ def test_references_and_face_detection(scorer, demo_dir):
     assert rows[1]["clip_model"] == "lora-lab-tiny-clip/random"
 
 
+def test_contrastive_adherence_is_clips_zero_shot_over_the_pair(scorer, demo_dir):
+    """ask_prob: softmax of the two cosines at the model's own logit scale; swapping the ask and
+    the versus gives 1 - p; without a versus it is NaN (the CLIP score is used)."""
+    real = Image.open(sorted((demo_dir / "10_sks woman").glob("*.png"))[0])
+    ref = scorer.references(sorted((demo_dir / "10_sks woman").glob("*.png"))[:2])
+    ask, own = "a photo of a person with short hair", "a photo of a person with long hair"
+    rows = scorer.score([real, real, real], [ask, own, ask], ref, [own, ask, None])
+    img = scorer.clip.images([real])[0]
+    t_ask, t_own = scorer.clip.texts([ask, own])
+    scale = float(scorer.clip.model.logit_scale.exp())
+    expected = 1 / (1 + math.exp(-scale * float(img @ t_ask - img @ t_own)))
+    assert rows[0]["ask_prob"] == pytest.approx(expected, abs=1e-5)
+    assert rows[1]["ask_prob"] == pytest.approx(1 - expected, abs=1e-5)
+    assert math.isnan(rows[2]["ask_prob"]) and not math.isnan(rows[2]["clip_adherence"])
+    assert scorer.clip.logit_scale == pytest.approx(min(scale, 100.0))
+
+
 def test_random_weights_are_said_plainly(scorer, monkeypatch):
     assert scorer.random_weights and RANDOM_NOTE in scorer.notes
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")

@@ -35,6 +35,7 @@ def test_report_index_and_trial_pages(script_study):
     assert index.count('<tr class="state-') == 2
     assert 'href="trial_0/index.html"' in index and 'href="trial_1/index.html"' in index
     assert "scores not meaningful: random scorer weights" in index
+    assert "adherence: CLIP zero-shot, the probability that an image shows the ask rather than its" in index
     assert "train.network_dim" in index and "http://" not in index and "https://" not in index
     for src in re.findall(r'<img src="([^"]+)"', index):
         assert (report / src).is_file(), src

@@ -125,7 +125,19 @@ asks:
     assert {s.caption for s in ds.samples} == {"photo of ivo person"}
     suite = load_suite("data", ds.token, ds.suite)
     assert [p.text for p in suite.prompts] == ["photo of ivo person", "photo of ivo person with red hair"]
+    # the ask's versus comes from the identity: what ivo has instead of red hair
+    assert suite.prompts[1].versus == "photo of a person with blue hair"
     assert subjects.load(str(path)).asked("photo of ivo person with red hair") == ("hair_colour", "red")
+
+
+def test_an_asks_versus_is_the_subjects_own_value_where_it_has_one():
+    dax, lum = subjects.load("dax"), subjects.load("lum")
+    by_attr = {a["attribute"]: a for a in dax.asks}
+    assert dax.versus(by_attr["eye_colour"]) == "photo of a person with blue eyes"  # identity: blue eyes
+    assert dax.versus(by_attr["background"]) == "photo of a person, on a yellow background"  # its one background
+    lum_bg = next(a for a in lum.asks if a["attribute"] == "background")
+    assert lum.versus(lum_bg) is None  # eight backgrounds: no single own value, the CLIP score is used
+    assert lum.own("background") is None and lum.own("hair_style") == lum.identity["hair_style"]
 
 
 @pytest.mark.parametrize("text, message", [

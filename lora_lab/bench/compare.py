@@ -256,9 +256,9 @@ def _truth(argv: List[str]) -> int:
     parser.add_argument("--cache-dir", default="sweeps/.cache")
     parser.add_argument("--out", default="sweeps/bench")
     parser.add_argument("--calibration", type=lambda s: s.split(","), default=list(truthbench.CALIBRATION),
-                        help="subjects the thresholds are chosen on (comma-separated)")
+                        help="subjects the thresholds are chosen on: shipped names or subject .yaml files, comma-separated")
     parser.add_argument("--heldout", type=lambda s: s.split(","), default=list(truthbench.HELDOUT),
-                        help="subjects the figures are reported on (comma-separated)")
+                        help="subjects the figures are reported on: shipped names or subject .yaml files, comma-separated")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides for every study (eval.seeds=[1,2] ...)")
     args = parser.parse_args(argv)
     args.cache_dir = str(Path(args.cache_dir).resolve())

@@ -33,17 +33,19 @@ from typing import Dict, List, Optional
 import pandas as pd
 
 from lora_lab.bench import truth_rules as gt
+from lora_lab.bench.truth_pruning import pruning
 from lora_lab.config import JudgeConfig
-from lora_lab.evaluate.judge import aggregate, best_cell, judge
+from lora_lab.evaluate.judge import best_cell, judge
 from lora_lab.toyworld import assets, subjects
 
 CALIBRATION = ("sks", "vek", "mox")
-HELDOUT = ("qor", "lum", "dax")
+HELDOUT = ("qor", "lum", "dax", "ryn", "tal", "oka")
 VERDICTS = ("underfit", "good", "overfit")
 TRUTH_RULES = JudgeConfig()  # what "truly underfit / overfit" means; never tuned
 # Judge settings tried on the calibration subjects; 1.0 turns a check off.
 CANDIDATES = {"underfit_gain": [0.1, 0.15, 0.2, 0.25, 0.3, 0.35, 0.4, 0.5],
               "adherence_drop": [0.05, 0.1, 0.15, 0.2, 0.25, 0.3],
+              "ask_drop": [0.25, 0.5, 0.75, 1.0],
               "diversity_drop": [0.5, 1.0], "copy_threshold": [0.95, 1.0]}
 _JUDGED = ["gain", "combined", "verdict", "reasons"]
 
@@ -62,12 +64,26 @@ def _share(hits: int, n: int) -> dict:
     return {"value": round(hits / n, 4) if n else None, "ci95": wilson(hits, n), "n": int(n)}
 
 
-def run_studies(args, names: List[str]) -> float:
+def subject_sources(given: List[str]) -> Dict[str, str]:
+    """Subject label (its file's stem) -> what ``data.subject`` gets: a shipped subject's name,
+    or a subject file's absolute path (``--heldout my_subject.yaml``), each checked here."""
+    out: Dict[str, str] = {}
+    for item in given:
+        path = Path(item)
+        source = str(path.resolve()) if path.suffix in (".yaml", ".yml") else item
+        label = subjects.load(source).name  # a wrong name or a bad file stops here, before any training
+        if label in out:
+            raise SystemExit(f"error: two subjects are named {label!r} ({out[label]}, {source}); rename one file")
+        out[label] = source
+    return out
+
+
+def run_studies(args, sources: Dict[str, str]) -> float:
     """One sweep per subject (resumed if it exists); returns the seconds spent."""
     started = time.perf_counter()
-    for name in names:
+    for name, source in sources.items():
         cmd = [sys.executable, "-m", "lora_lab.sweep", "+sweep=truth", "model=toyworld", "data=toyworld",
-               f"data.subject={name}", f"sweep.name=truth_{name}", f"sweep.root={args.root}",
+               f"data.subject={source}", f"sweep.name=truth_{name}", f"sweep.root={args.root}",
                f"sweep.reports={args.root / 'reports'}", f"cache_dir={args.cache_dir}", *args.overrides]
         print(f"subject {name}: " + " ".join(cmd[2:]), flush=True)
         rc = subprocess.run(cmd, env={**os.environ, "HF_HUB_OFFLINE": "1"}).returncode
@@ -76,10 +92,10 @@ def run_studies(args, names: List[str]) -> float:
     return time.perf_counter() - started
 
 
-def collect(root: Path, name: str, cache_dir: Path, readout) -> List[dict]:
+def collect(root: Path, name: str, cache_dir: Path, readout, source: Optional[str] = None) -> List[dict]:
     """Every finished trial of one subject's study, with the read-out's truth."""
-    subject = subjects.load(name)
-    folder = subjects.data_folder(cache_dir, name)
+    subject = subjects.load(source or name)
+    folder = subjects.data_folder(cache_dir, source or name)
     refs = sorted((folder / subject.folder_name).glob("*.png"))
     top = gt.ceiling(readout, refs, subject)
     trials = []
@@ -113,6 +129,7 @@ def judged_cells(trials: List[dict], cfg: JudgeConfig) -> tuple[pd.DataFrame, Li
         table = result["table"].merge(judged[gt.CELL + ["reasons", "combined"]], on=gt.CELL)
         tables.append(table[table.strength != 0].assign(subject=t["subject"], trial=t["trial"]))
         picks.append({"subject": t["subject"], "trial": t["trial"], "pick": pick, "rank": result["pick_rank"],
+                      "true_share": result["pick_true_share"], "pick_true_verdict": result["pick_true_verdict"],
                       "true_best": result["true_best"]})
     cells = pd.concat(tables, ignore_index=True) if tables else pd.DataFrame()
     return cells, picks
@@ -132,6 +149,14 @@ def figures(cells: pd.DataFrame, picks: List[dict]) -> dict:
         out["precision"][v] = _share(int((said_v.true_verdict == v).sum()), len(said_v))
     ranked = [p for p in picks if p["rank"] is not None]
     out["picks_in_true_top3"] = _share(sum(1 for p in ranked if p["rank"] <= 3), len(picks))
+    # picks.regret: the pick's true combined score as a share of the trial's true best
+    # non-overfit cell; a trial without a pick, or whose pick is truly overfit, is a miss
+    shares = [p["true_share"] for p in picks if p["true_share"] is not None]
+    within = sum(1 for p in picks if p["true_share"] is not None and p["true_share"] >= 0.95
+                 and p["pick_true_verdict"] != "overfit")
+    out["picks_regret"] = {"within_5pct": _share(within, len(picks)),
+                           "median_share": round(float(pd.Series(shares).median()), 4) if shares else None,
+                           "worst_share": round(min(shares), 4) if shares else None}
     out["confusion"] = {t: {v: int(((cells.true_verdict == t) & (cells.verdict == v)).sum()) for v in VERDICTS}
                         for t in VERDICTS} if n else {}
     return out
@@ -151,122 +176,26 @@ def calibrate(trials: List[dict]) -> tuple[JudgeConfig, dict]:
         key = (sum(recalls) / len(recalls) if recalls else 0.0, (cells.verdict == cells.true_verdict).mean(), nearest)
         if best_key is None or key > best_key:
             best, best_key = cfg, key
-    return best, {"candidates": CANDIDATES, "tried": tried, "balanced_recall": round(best_key[0], 4),
-                  "agreement": round(best_key[1], 4)}
+    noise, regret = choose_pick_noise(trials, best)
+    return replace(best, pick_noise=noise), {"candidates": CANDIDATES, "tried": tried,
+                                             "balanced_recall": round(best_key[0], 4),
+                                             "agreement": round(best_key[1], 4),
+                                             "pick_noise": {"candidates": PICK_NOISE, "within_5pct": regret}}
 
 
-# The per-epoch check that feeds the pruner, replayed from the full evaluation's images: which
-# prompts (the first n of each kind), seeds and strengths it looks at.
-CHECKS = {
-    "before": {"max_prompts": 1, "seeds": 1, "strengths": [0.0, 1.0]},  # lora_lab up to 2026-12
-    "now": {"max_prompts": 2, "seeds": 2, "strengths": None},  # None: the evaluation's strengths
-}
+PICK_NOISE = [0.0, 0.5, 1.0, 2.0]  # tie margins of the pick, in standard errors of the likeness
 
 
-def check_values(t: dict, cfg: JudgeConfig, check: dict) -> Dict[int, float]:
-    """Epoch -> the check's objective (the best non-overfit cell's combined; 0 if none)."""
-    s = t["scores"]
-    keep = pd.Series(True, index=s.index)
-    for kind in ("likeness", "adaptability"):
-        prompts = list(dict.fromkeys(s[s.prompt_kind == kind].prompt))[: check["max_prompts"]]
-        keep &= (s.prompt_kind != kind) | s.prompt.isin(prompts)
-    seeds = sorted(s.seed.unique())[: check["seeds"]]
-    keep &= s.seed.isin(seeds)
-    if check["strengths"] is not None:
-        keep &= s.strength.isin(check["strengths"])
-    sub = s[keep]
-    out = {}
-    base = sub[sub.strength == 0]
-    for epoch in sorted(e for e in sub.epoch.unique() if e > 0):
-        cell = pd.concat([base, sub[sub.epoch == epoch]], ignore_index=True)
-        judged = judge(aggregate(cell, t["kind"]), t["ceiling"], cfg)
-        best = best_cell(judged)
-        out[int(epoch)] = 0.0 if best is None or pd.isna(best.combined) else float(best.combined)
-    return out
-
-
-def _spearman(a: List[float], b: List[float]) -> Optional[float]:
-    if len(a) < 3:
-        return None
-    r = pd.Series(a).rank().corr(pd.Series(b).rank())
-    return None if pd.isna(r) else round(float(r), 3)
-
-
-def _pruners() -> dict:
-    """The pruners replayed, built by the sweep's own :func:`lora_lab.sweep.study.make_pruner`."""
-    from lora_lab.config import SweepConfig
-    from lora_lab.sweep.study import make_pruner
-
-    def make(**kw):
-        return lambda: make_pruner(SweepConfig(name="replay", grid={"x": [0]}, pruner_startup_trials=2, **kw))
-
-    return {
-        "median, no warm-up (before)": make(pruner="median", pruner_warmup_epochs=0),
-        "median, 1 warm-up epoch": make(pruner="median", pruner_warmup_epochs=1),
-        "25th percentile, 1 warm-up epoch": make(pruner="percentile", pruner_percentile=25.0, pruner_warmup_epochs=1),
-        "median, patience 1": make(pruner="median", pruner_warmup_epochs=0, pruner_patience=1),
-        "median, 1 warm-up epoch, patience 1": make(pruner="median", pruner_warmup_epochs=1, pruner_patience=1),
-    }
-
-
-def replay_pruner(make, studies: Dict[str, List[dict]], values: Dict[str, Dict[int, float]],
-                  finals: Dict[str, float], true_best: Dict[str, str]) -> dict:
-    """Feed each study's recorded per-epoch checks to a fresh Optuna pruner, trials in order."""
-    from lora_lab.sweep.study import replay_pruning
-
-    saved = total = lost = 0
-    pruned_trials = []
-    for name, trials in studies.items():
-        recorded = [(values[t["trial_key"]], finals[t["trial_key"]]) for t in trials]
-        for t, (per_epoch, _), stopped in zip(trials, recorded, replay_pruning(make, recorded)):
-            epochs = max(per_epoch) + 1 if per_epoch else 0  # the last epoch is never checked
-            total += epochs
-            if stopped is not None:
-                saved += epochs - stopped
-                pruned_trials.append(t["trial_key"])
-                lost += int(t["trial_key"] == true_best[name])
-    return {"trial_epochs_saved": round(saved / total, 4) if total else None, "true_best_pruned": lost,
-            "studies": len(studies), "pruned": pruned_trials}
-
-
-def pruning(trials: List[dict], cfg: JudgeConfig, cells: pd.DataFrame, split: Dict[str, str]) -> dict:
-    """Rank correlation of each check with the final objective, and each pruner replayed."""
-    for t in trials:
-        t["trial_key"] = f"{t['subject']}/{t['trial']}"
-    finals, true_best = {}, {}
-    for t in trials:
-        judged = judge(t["agg"], t["ceiling"], cfg)
-        best = best_cell(judged)
-        finals[t["trial_key"]] = 0.0 if best is None or pd.isna(best.combined) else float(best.combined)
-    for name in {t["subject"] for t in trials}:
-        mine = cells[cells.subject == name]
-        ok = mine[mine.true_verdict != "overfit"]
-        pool = ok if len(ok) else mine
-        top = pool.sort_values("true_combined", ascending=False).iloc[0]
-        true_best[name] = f"{name}/{top.trial}"
-    out = {"spearman_by_epoch": {}, "checks": CHECKS, "pruners": {}}
-    values = {}
-    for label, check in CHECKS.items():
-        values[label] = {t["trial_key"]: check_values(t, cfg, check) for t in trials}
-        epochs = sorted({e for v in values[label].values() for e in v})
-        out["spearman_by_epoch"][label] = {
-            str(e): _spearman([values[label][t["trial_key"]][e] for t in trials if e in values[label][t["trial_key"]]],
-                              [finals[t["trial_key"]] for t in trials if e in values[label][t["trial_key"]]])
-            for e in epochs}
-    for part in ("calibration", "heldout"):
-        studies = {}
-        for t in trials:
-            if split[t["subject"]] == part:
-                studies.setdefault(t["subject"], []).append(t)
-        last = {t["trial_key"]: {e: v for e, v in values["now"][t["trial_key"]].items()
-                                 if e < max(values["now"][t["trial_key"]])} for t in trials}
-        out["pruners"][part] = {name: replay_pruner(make, studies, last, finals, true_best)
-                                for name, make in _pruners().items()}
-        before = {t["trial_key"]: {e: v for e, v in values["before"][t["trial_key"]].items()
-                                   if e < max(values["before"][t["trial_key"]])} for t in trials}
-        out["pruners"][part]["median, no warm-up, check before"] = replay_pruner(
-            _pruners()["median, no warm-up (before)"], studies, before, finals, true_best)
-    return out
+def choose_pick_noise(trials: List[dict], cfg: JudgeConfig) -> tuple[float, dict]:
+    """The pick's tie margin with the most calibration picks within 5% of their trial's true
+    best (ties: the smaller margin)."""
+    scores = {}
+    for noise in PICK_NOISE:
+        _, picks = judged_cells(trials, replace(cfg, pick_noise=noise))
+        scores[noise] = sum(1 for p in picks if p["true_share"] is not None and p["true_share"] >= 0.95
+                            and p["pick_true_verdict"] != "overfit")
+    best = max(PICK_NOISE, key=lambda n: (scores[n], -n))
+    return best, {str(k): v for k, v in scores.items()}
 
 
 def validation_loss(trials: List[dict], picks: List[dict]) -> dict:
@@ -320,14 +249,17 @@ def run(args) -> dict:
     """The whole benchmark; writes truth.json and prints its figures."""
     args.root = Path(args.out).resolve() / "truth"  # the studies; truth.json goes beside the folder
     args.root.mkdir(parents=True, exist_ok=True)
-    calibration, heldout = list(args.calibration), list(args.heldout)
-    for name in calibration + heldout:
-        subjects.load(name)  # a wrong name stops here, before any training
-    sweep_s = run_studies(args, calibration + heldout)
+    sources = subject_sources(list(args.calibration) + list(args.heldout))
+    calibration = list(subject_sources(list(args.calibration)))
+    heldout = list(subject_sources(list(args.heldout)))
+    if set(calibration) & set(heldout):
+        raise SystemExit(f"error: {sorted(set(calibration) & set(heldout))[0]!r} is both a calibration and a "
+                         "held-out subject; a held-out figure needs subjects no choice looked at")
+    sweep_s = run_studies(args, sources)
     readout = assets.load_readout()
     cache_dir = Path(args.cache_dir)
     split = {n: "calibration" for n in calibration} | {n: "heldout" for n in heldout}
-    trials = {part: [t for n in names for t in collect(args.root, n, cache_dir, readout)]
+    trials = {part: [t for n in names for t in collect(args.root, n, cache_dir, readout, sources[n])]
               for part, names in (("calibration", calibration), ("heldout", heldout))}
     if not trials["calibration"] or not trials["heldout"]:
         raise SystemExit("error: a split has no finished trial: there is no figure to report")
@@ -372,14 +304,18 @@ def text(r: dict) -> str:
              f"{', '.join(r['split']['calibration'])}; "
              f"held out {', '.join(r['split']['heldout'])}",
              f"thresholds chosen on calibration ({th['search']['tried']} candidates): underfit_gain "
-             f"{th['underfit_gain']:g}, adherence_drop {th['adherence_drop']:g}, diversity check "
+             f"{th['underfit_gain']:g}, adherence_drop {th['adherence_drop']:g}, ask_drop "
+             f"{'off' if th['ask_drop'] >= 1 else th['ask_drop']}, pick_noise {th['pick_noise']:g}, diversity check "
              f"{'off' if th['diversity_drop'] >= 1 else th['diversity_drop']}, copy check "
              f"{'off' if th['copy_threshold'] >= 1 else th['copy_threshold']}"]
     for part in ("heldout", "calibration"):
         f = r[part]
         lines += ["", f"{part} ({f['trials']} trials, {f['cells']} cells), 95% intervals:",
                   f"  agreement {_pct(f['agreement'])} (target 90%)",
-                  f"  picks in the true top 3: {_pct(f['picks_in_true_top3'])} (target 90%)"]
+                  f"  picks in the true top 3: {_pct(f['picks_in_true_top3'])} (target 90%)",
+                  f"  picks within 5% of the trial's true best (picks.regret): {_pct(f['picks_regret']['within_5pct'])}"
+                  f" (target 90%); median share {f['picks_regret']['median_share']}, worst "
+                  f"{f['picks_regret']['worst_share']}"]
         for v in VERDICTS:
             lines.append(f"  {v:8s} true cells {f['count'][v]:3d}; recall {_pct(f['recall'][v])}; "
                          f"precision {_pct(f['precision'][v])}")

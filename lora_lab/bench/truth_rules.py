@@ -116,12 +116,17 @@ def compare(judged: pd.DataFrame, truth: pd.DataFrame, best: Optional[dict]) -> 
     agree = float((cells.verdict == cells.true_verdict).mean()) if len(cells) else math.nan
     cells["_ok"] = cells.true_verdict != "overfit"
     ranked = cells.sort_values(["_ok", "true_combined"], ascending=[False, False]).reset_index(drop=True)
-    rank = None
+    rank, share, pick_truth = None, None, None
+    top = ranked.iloc[0] if len(ranked) else None
     if best is not None:
         hit = ranked[(ranked.epoch == best["epoch"]) & (ranked.strength == best["strength"])]
         rank = int(hit.index[0]) + 1 if len(hit) else None
+        if len(hit) and top is not None and top.true_combined > 0:
+            # what the user keeps, as a share of the trial's true best non-overfit cell
+            share = float(hit.iloc[0].true_combined / top.true_combined)
+            pick_truth = str(hit.iloc[0].true_verdict)
     confusion = pd.crosstab(cells.true_verdict, cells.verdict).to_dict() if len(cells) else {}
-    top = ranked.iloc[0] if len(ranked) else None
-    return {"cells": int(len(cells)), "agreement": agree, "pick_rank": rank,
+    return {"cells": int(len(cells)), "agreement": agree, "pick_rank": rank, "pick_true_share": share,
+            "pick_true_verdict": pick_truth,
             "true_best": None if top is None else {"epoch": int(top.epoch), "strength": float(top.strength)},
             "confusion": confusion, "table": merged}

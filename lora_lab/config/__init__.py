@@ -2,11 +2,13 @@
 shared checks. Every public name is importable from here: ``from lora_lab.config import Config``."""
 
 from lora_lab.config.evaluation import (  # noqa: F401
+    ADHERENCE,
     SAMPLERS,
     ClipScorerConfig,
     EvalConfig,
     FaceScorerConfig,
     JudgeConfig,
+    VqaScorerConfig,
 )
 from lora_lab.config.schema import (  # noqa: F401
     BUILTIN_DATA,

@@ -33,6 +33,26 @@ class ClipScorerConfig:
     pretrained: Optional[str] = "openai"
 
 
+ADHERENCE = ("clip", "vqa")
+
+
+@dataclass
+class VqaScorerConfig:
+    """A transformers image-text-to-text model that answers, for each adaptability image,
+    ``question`` with the ask's judge text filled in; adherence is its probability of "yes"
+    (VQAScore, Lin et al. 2024). ``model``: a local folder or a hub id (safetensors weights
+    only); ``batch_size``: images per forward pass."""
+
+    model: Optional[str] = None
+    question: str = "Does this image show {judge}? Answer yes or no."
+    batch_size: int = 8
+
+    def __post_init__(self) -> None:
+        require("{judge}" in self.question, "eval.vqa.question", "must contain {judge} (the ask's judge text)")
+        require(isinstance(self.batch_size, int) and self.batch_size >= 1, "eval.vqa.batch_size",
+                "must be a whole number >= 1")
+
+
 @dataclass
 class JudgeConfig:
     """Verdict thresholds (documented in README, "Verdicts").
@@ -40,8 +60,12 @@ class JudgeConfig:
     Attributes:
         underfit_gain: underfit when the likeness gain over the base model is below this
             fraction of the gap between the base model and the ceiling (references vs centroid).
-        adherence_drop: overfit when an adaptability prompt's CLIP score falls more than this
-            fraction below the base model's on the same prompt and seeds.
+        adherence_drop: overfit when an ask's CLIP score falls more than this fraction below
+            the base model's on the same prompt and seeds.
+        ask_drop: overfit when an ask with a ``versus`` (or scored by ``eval.adherence=vqa``) is
+            lost: its images are less than ``1 - ask_drop`` times as likely as the base model's
+            to show the ask rather than the subject's own (a probability, so the cut-off means
+            the same on any scorer; 0.5: "fewer than half as likely"); 1 turns it off.
         copy_threshold: overfit when a generation's CLIP image similarity to one training
             image reaches this (a near copy) and is at least halfway from the base model's
             similarity to 1.
@@ -49,17 +73,23 @@ class JudgeConfig:
             below the base model's.
         likeness_weight / adherence_weight: the combined score that picks the best cell:
             likeness_weight * likeness gain + adherence_weight * adherence / base adherence.
+        pick_noise: the best cell is the gentlest (lowest strength, then earliest epoch) of
+            the cells whose combined score is within this many standard errors of the
+            likeness (across seeds and prompts) of the highest; 0 picks the highest.
     """
 
     underfit_gain: float = 0.3
     adherence_drop: float = 0.2
+    ask_drop: float = 0.5
+    pick_noise: float = 0.0
     copy_threshold: float = 0.95
     diversity_drop: float = 0.5
     likeness_weight: float = 1.0
     adherence_weight: float = 1.0
 
     def __post_init__(self) -> None:
-        for key in ("underfit_gain", "adherence_drop", "diversity_drop"):
+        positive(self.pick_noise, "eval.judge.pick_noise", allow_zero=True)
+        for key in ("underfit_gain", "adherence_drop", "ask_drop", "diversity_drop"):
             value = getattr(self, key)
             require(0 <= value <= 1, f"eval.judge.{key}", f"must be between 0 and 1, got {value!r}")
         require(0 < self.copy_threshold <= 1, "eval.judge.copy_threshold", "must be in (0, 1]")
@@ -82,6 +112,9 @@ class EvalConfig:
         output_dir: where grids and scores go; null = beside the LoRA folder.
         checkpoints: base checkpoints to evaluate the same X/Y on, one after the other (single
             files or diffusers folders of ``model``'s architecture); empty = ``model`` alone.
+        adherence: ``clip`` (CLIP zero-shot: the ask against the suite's ``versus``, or CLIP
+            similarity where a prompt has none) or ``vqa`` (a question-answering model's
+            P(yes) that the image shows the ask, ``eval.vqa``; for real models).
     """
 
     suite: str = "person"
@@ -98,6 +131,8 @@ class EvalConfig:
     face: FaceScorerConfig = field(default_factory=FaceScorerConfig)
     clip: ClipScorerConfig = field(default_factory=ClipScorerConfig)
     judge: JudgeConfig = field(default_factory=JudgeConfig)
+    adherence: str = "clip"
+    vqa: VqaScorerConfig = field(default_factory=VqaScorerConfig)
 
     def __post_init__(self) -> None:
         require(len(self.strengths) > 0, "eval.strengths", "needs at least one strength")
@@ -115,6 +150,11 @@ class EvalConfig:
             require(self.size >= 8 and self.size % 8 == 0, "eval.size", f"must be a multiple of 8, got {self.size}")
         if self.max_prompts is not None:
             require(self.max_prompts >= 1, "eval.max_prompts", "must be >= 1")
+        choice(self.adherence, "eval.adherence", ADHERENCE)
+        if self.adherence == "vqa":
+            require(bool(self.vqa.model), "eval.vqa.model",
+                    "eval.adherence=vqa needs a question-answering model: a local folder or a hub id of a "
+                    "transformers image-text-to-text model (safetensors weights)")
         require(self.batch_size is None or (isinstance(self.batch_size, int) and self.batch_size >= 1),
                  "eval.batch_size", f"must be a whole number >= 1, or null to choose from free memory; got "
                  f"{self.batch_size!r}")

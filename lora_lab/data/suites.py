@@ -23,12 +23,16 @@ class Prompt:
         text: The prompt given to the pipeline.
         judge: What CLIP scores an adaptability image against (None for likeness prompts).
         index: Position in the suite, stable across runs (used in file names).
+        versus: What the subject has instead of the ask (``a photo of a person with long
+            hair`` for ``... with short hair``): adherence is then the scorer's probability
+            that an image shows the ask rather than this. None: CLIP similarity to ``judge``.
     """
 
     kind: str
     text: str
     judge: Optional[str]
     index: int
+    versus: Optional[str] = None
 
 
 @dataclass
@@ -86,8 +90,13 @@ def load_suite(name_or_path: str, token: str, data_suite: Optional[Path] = None)
     for item in doc.get("adaptability") or []:
         if not isinstance(item, dict) or "prompt" not in item or "judge" not in item:
             raise ConfigError(f"eval suite {path}: each adaptability entry needs 'prompt' and 'judge', got {item!r}")
+        versus = item.get("versus")
+        if versus is not None and (not isinstance(versus, str) or not versus.strip()
+                                   or versus.strip() == str(item["judge"]).strip()):
+            raise ConfigError(f"eval suite {path}: 'versus' of {item['prompt']!r} must be a text that differs "
+                              f"from its judge text (what the subject has instead of the ask), got {versus!r}")
         prompts.append(Prompt("adaptability", _fill(path, str(item["prompt"]), token), str(item["judge"]),
-                              len(prompts)))
+                              len(prompts), versus))
     if not any(p.kind == "likeness" for p in prompts):
         raise ConfigError(f"eval suite {path}: needs at least one 'likeness' prompt")
     return Suite(path.stem, kind, prompts, str(doc.get("negative_prompt") or ""))

@@ -37,10 +37,22 @@ def aggregate(scores: pd.DataFrame, kind: str) -> pd.DataFrame:
         else:
             row["face_rate"] = math.nan
             row["likeness"] = float(like.clip_i.mean()) if len(like) else math.nan
+        per_image = like.face_likeness[detected] if kind == "person" else like.clip_i
+        row["likeness_se"] = float(per_image.std() / math.sqrt(len(per_image))) if len(per_image) > 1 else math.nan
         row["clip_i"] = float(like.clip_i.mean()) if len(like) else math.nan
         row["adherence"] = float(adapt.clip_adherence.mean()) if len(adapt) else math.nan
         for prompt, pg in adapt.groupby("prompt", sort=False):
             row[f"adherence::{prompt}"] = float(pg.clip_adherence.mean())
+            probs = pg.ask_prob.dropna() if "ask_prob" in pg else pd.Series(dtype=float)
+            if len(probs):  # contrastive: the ask against what the subject has instead
+                row[f"ask::{prompt}"] = float(probs.mean())
+                row[f"ask_won::{prompt}"] = int((probs > 0.5).sum())
+                row[f"ask_n::{prompt}"] = int(len(probs))
+                if "ask_method" in pg and pg.ask_method.iloc[0] == "vqa":  # a yes/no answer: no versus
+                    asked, own = phrases(str(pg.judge.iloc[0]), "")[0], ""
+                else:
+                    asked, own = phrases(str(pg.judge.iloc[0]), str(pg.versus.iloc[0]))
+                row[f"asked::{prompt}"], row[f"own::{prompt}"] = asked, own
         top = g.loc[g.clip_i_max.idxmax()]
         row["copy_similarity"] = float(top.clip_i_max)
         row["copy_reference"] = top.closest_reference
@@ -55,31 +67,51 @@ def _baseline(agg: pd.DataFrame) -> Optional[pd.Series]:
     return None if base.empty else base.iloc[0]
 
 
-def judge(agg: pd.DataFrame, ceiling: float, cfg: JudgeConfig) -> pd.DataFrame:
-    """Add ``gain``, ``combined``, ``verdict`` and ``reasons`` to the aggregated table.
+def phrases(ask: str, versus: str) -> tuple[str, str]:
+    """The words where an ask's text and its versus text differ ("brown eyes" / "blue eyes"
+    from "a photo of a person with brown eyes" / "... with blue eyes")."""
+    a, v = ask.split(), versus.split()
+    start = 0
+    while start < min(len(a), len(v)) - 1 and a[start] == v[start]:
+        start += 1
+    if not v:  # no versus: the ask past "a photo of a person"
+        start = next((i + 1 for i, w in enumerate(a) if w.strip(",") in ("person", "woman", "man")), 0)
+        start += int(start < len(a) - 1 and a[start] == "with")
+    return " ".join(a[start:]).strip(" ,."), " ".join(v[start:]).strip(" ,.")
 
-    A cell is ``overfit`` when an adaptability prompt's CLIP score falls more than
-    ``adherence_drop`` below the base model's, or a generation nearly copies a training image,
-    or diversity across seeds collapses; otherwise ``underfit`` when its likeness gain over the
-    base model is below ``underfit_gain`` of the gap to the ceiling; otherwise ``good``.
+
+def judge(agg: pd.DataFrame, ceiling: float, cfg: JudgeConfig) -> pd.DataFrame:
+    """Add ``gain``, ``combined``, ``pick_margin``, ``verdict`` and ``reasons`` to the
+    aggregated table.
+
+    A cell is ``overfit`` when an asked change is lost: with a ``versus`` text (or VQA), the
+    images are less than ``1 - ask_drop`` times as likely as the base model's to show the ask
+    rather than the subject's own (a probability, so the same on any scorer); for every ask,
+    its CLIP score falls more than ``adherence_drop`` below the base model's. Also overfit: a generation
+    nearly copies a training image, or diversity across seeds collapses. Otherwise ``underfit``
+    when its likeness gain over the base model is below ``underfit_gain`` of the gap to the
+    ceiling; otherwise ``good``.
     """
     base = _baseline(agg)
     out = agg.copy()
-    verdicts, reasons, gains, combined = [], [], [], []
-    adherence_cols = [c for c in agg.columns if c.startswith("adherence::")]
+    verdicts, reasons, gains, combined, noise = [], [], [], [], []
+    prompts = [c.split("::", 1)[1] for c in agg.columns if c.startswith("adherence::")]
     for _, cell in agg.iterrows():
         if cell.strength == 0 or base is None:
             verdicts.append("base")
             reasons.append(["the base model (strength 0): the baseline"])
             gains.append(0.0)
             combined.append(math.nan)
+            noise.append(math.nan)
             continue
         why_over: List[str] = []
-        for col in adherence_cols:
-            a, a0 = cell[col], base.get(col, math.nan)
-            if _ok(a) and _ok(a0) and a0 > 0 and a < (1 - cfg.adherence_drop) * a0:
-                why_over.append(f"the asked change fades: '{col.split('::', 1)[1]}' matches its text "
-                                f"{1 - a / a0:.0%} less than on the base model (CLIP {a:.1f} vs base {a0:.1f})")
+        ratios: List[float] = []
+        for prompt in prompts:
+            lost, ratio = _ask_lost(prompt, cell, base, cfg)
+            if lost:
+                why_over.append(lost)
+            if _ok(ratio):
+                ratios.append(ratio)
         # A near copy is judged against what the base model already does: the cell must pass
         # copy_threshold and be at least halfway from the base model's similarity to identity.
         copy_bar = max(cfg.copy_threshold, (1 + base.copy_similarity) / 2) if _ok(base.copy_similarity) \
@@ -93,9 +125,13 @@ def judge(agg: pd.DataFrame, ceiling: float, cfg: JudgeConfig) -> pd.DataFrame:
         gain = likeness_gain(cell.likeness, base.likeness, ceiling)
         gains.append(gain)
         rate = cell.face_rate if _ok(cell.face_rate) else 1.0
-        adherence_ratio = cell.adherence / base.adherence if _ok(cell.adherence) and _ok(base.adherence) and \
-            base.adherence > 0 else 1.0
+        adherence_ratio = sum(ratios) / len(ratios) if ratios else 1.0
         combined.append(combined_score(gain, adherence_ratio, cfg, rate))
+        se = cell.get("likeness_se", math.nan)
+        spread = ceiling - base.likeness if _ok(ceiling) and _ok(base.likeness) else math.nan
+        # the tie margin of the pick: pick_noise standard errors of the likeness term
+        noise.append(cfg.pick_noise * cfg.likeness_weight * rate * se / spread
+                     if _ok(se) and _ok(spread) and spread > 1e-6 else math.nan)
         verdict = rung(bool(why_over), gain, cfg)
         verdicts.append(verdict)
         if verdict == "overfit":
@@ -109,21 +145,64 @@ def judge(agg: pd.DataFrame, ceiling: float, cfg: JudgeConfig) -> pd.DataFrame:
                             f"needs {cfg.underfit_gain:.0%}"])
         else:
             reasons.append([f"likeness {cell.likeness:.3f}, {_pct(gain)} of the way from the base model to the "
-                            f"training images ({ceiling:.3f}); asked changes kept: adherence "
-                            f"{_fmt(cell.adherence, 1)} vs base {_fmt(base.adherence, 1)}"])
+                            f"training images ({ceiling:.3f}); {_kept(cell, base, prompts)}"])
     out["gain"] = gains
     out["combined"] = combined
+    out["pick_margin"] = noise
     out["verdict"] = verdicts
     out["reasons"] = reasons
     return out
 
 
+def _ask_lost(prompt: str, cell: pd.Series, base: pd.Series, cfg: JudgeConfig) -> tuple[Optional[str], float]:
+    """(why the ask counts as lost or None, the cell's CLIP score relative to the base model's)
+    for one adaptability prompt: by probability where the suite gives a ``versus`` (or VQA
+    scored it), and by CLIP score for every ask."""
+    a, a0 = cell.get(f"adherence::{prompt}", math.nan), base.get(f"adherence::{prompt}", math.nan)
+    ratio = a / a0 if _ok(a) and _ok(a0) and a0 > 0 else math.nan
+    p, p0 = cell.get(f"ask::{prompt}", math.nan), base.get(f"ask::{prompt}", math.nan)
+    contrastive = _ok(p) and _ok(p0) and p0 > 0
+    if contrastive and p < (1 - cfg.ask_drop) * p0:
+        asked, own = cell[f"asked::{prompt}"], cell[f"own::{prompt}"]
+        n, won = int(cell[f"ask_n::{prompt}"]), int(cell[f"ask_won::{prompt}"])
+        n0, won0 = int(base[f"ask_n::{prompt}"]), int(base[f"ask_won::{prompt}"])
+        if not isinstance(own, str) or not own:  # question answering: a yes or a no (a CSV reads "" as NaN)
+            return (f"asked {asked}; the answer is no in {n - won} of {n} seeds (P(yes) {p:.2f}); base model: "
+                    f"yes in {won0} of {n0} (P {p0:.2f})"), ratio
+        return (f"asked {asked}; the images are more like {own} in {n - won} of {n} seeds (P(ask) {p:.2f}); "
+                f"base model: {asked} in {won0} of {n0} (P {p0:.2f})"), ratio
+    if _ok(ratio) and a < (1 - cfg.adherence_drop) * a0:
+        blind = "" if contrastive else ("; the suite gives no 'versus' for it, so this is a similarity, blind to "
+                                        "a small lost change")
+        return (f"the asked change fades: '{prompt}' matches its text {1 - a / a0:.0%} less than on the base "
+                f"model (CLIP {a:.1f} vs base {a0:.1f}{blind})"), ratio
+    return None, ratio
+
+
+def _kept(cell: pd.Series, base: pd.Series, prompts: List[str]) -> str:
+    """The good cell's adherence in words: how many seeds show each ask, or CLIP's score."""
+    shown = [(cell[f"asked::{p}"], int(cell[f"ask_won::{p}"]), int(cell[f"ask_n::{p}"]))
+             for p in prompts if _ok(cell.get(f"ask::{p}", math.nan))]
+    if shown:
+        return "asked changes kept: " + ", ".join(f"{asked} in {won} of {n}" for asked, won, n in shown)
+    return f"asked changes kept: adherence {_fmt(cell.adherence, 1)} vs base {_fmt(base.adherence, 1)}"
+
+
 def best_cell(judged: pd.DataFrame) -> Optional[pd.Series]:
-    """The highest combined score among non-overfit LoRA cells (None if every cell is overfit)."""
+    """The cell a user should keep, among non-overfit LoRA cells (None if every cell is
+    overfit): of the cells whose combined score is within the seeds' noise of the highest (its
+    likeness's standard error times ``pick_noise``: ``pick_margin``), the lowest strength, then the earliest epoch,
+    as users keep the gentler of two equally good cells."""
     pool = judged[(judged.strength != 0) & (judged.verdict != "overfit")]
     if pool.empty:
         return None
-    return pool.sort_values(["combined", "epoch", "strength"], ascending=[False, True, True]).iloc[0]
+    ranked = pool.sort_values(["combined", "epoch", "strength"], ascending=[False, True, True])
+    top = ranked.iloc[0]
+    se = top.get("pick_margin", math.nan)
+    if not _ok(top.combined) or not _ok(se):
+        return top
+    ties = ranked[ranked.combined >= top.combined - se]
+    return ties.sort_values(["strength", "epoch"]).iloc[0]
 
 
 def verdict_document(judged: pd.DataFrame, ceiling: float, cfg: JudgeConfig, files: Dict[str, str],

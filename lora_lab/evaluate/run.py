@@ -131,7 +131,7 @@ def evaluate(config: Config, base: BaseModel, dataset: Dataset, lora_dir: Path, 
     strengths = [float(s) for s in e.strengths]
     if 0.0 not in strengths:
         strengths.append(0.0)  # the base model is always the baseline
-    scorer = scorer or Scorer(suite.kind, e.face, e.clip, base.device)
+    scorer = scorer or Scorer(suite.kind, e.face, e.clip, base.device, e.adherence, e.vqa)
     checkpoint = checkpoint_identity(base.source)  # A1111's "Model" and "Model hash"
     settings = RenderSettings(
         sampler=e.sampler, steps=e.steps, cfg_scale=e.cfg_scale, size=e.size or config.resolution,
@@ -155,7 +155,8 @@ def evaluate(config: Config, base: BaseModel, dataset: Dataset, lora_dir: Path, 
     for i in range(0, len(unique), 16):
         chunk = unique[i : i + 16]
         images = [open_rgb(p) for p in chunk]
-        rows = scorer.score(images, [cell_of[p].prompt.judge for p in chunk], refs)
+        rows = scorer.score(images, [cell_of[p].prompt.judge for p in chunk], refs,
+                            [cell_of[p].prompt.versus for p in chunk])
         by_path.update(zip(chunk, rows))
     weights_note = RANDOM_NOTE if scorer.random_weights else "pretrained scorer weights"
     records = []
@@ -164,7 +165,7 @@ def evaluate(config: Config, base: BaseModel, dataset: Dataset, lora_dir: Path, 
         records.append({
             "epoch": c.epoch, "label": c.label, "strength": c.strength, "lora_file": str(c.lora_file),
             "prompt_index": c.prompt.index, "prompt_kind": c.prompt.kind, "prompt": c.prompt.text,
-            "judge": c.prompt.judge, "seed": c.seed, "image": str(c.path),
+            "judge": c.prompt.judge, "versus": c.prompt.versus, "seed": c.seed, "image": str(c.path),
             **{k: v for k, v in s.items() if k != "embedding"}, "scorer_weights": weights_note,
         })
     scores = pd.DataFrame(records)

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from lora_lab.config import ClipScorerConfig, FaceScorerConfig
+from lora_lab.config import ClipScorerConfig, FaceScorerConfig, VqaScorerConfig
 from lora_lab.images import open_rgb
 from lora_lab.models.scorers import RANDOM_NOTE, ClipEmbedder, FaceEmbedder  # noqa: F401 (RANDOM_NOTE: importers' name)
 
@@ -52,14 +52,21 @@ class Scorer:
     face_cfg: FaceScorerConfig
     clip_cfg: ClipScorerConfig
     device: torch.device
+    adherence: str = "clip"  # or "vqa": a question-answering model's P(yes) (eval.vqa)
+    vqa_cfg: Optional[VqaScorerConfig] = None
     face: Optional[FaceEmbedder] = field(init=False, default=None)
     clip: ClipEmbedder = field(init=False)
+    vqa: Optional[object] = field(init=False, default=None)
     _references: Dict[tuple, "References"] = field(init=False, default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
         self.clip = ClipEmbedder(self.clip_cfg, self.device)
         if self.kind == "person":
             self.face = FaceEmbedder(self.face_cfg, self.device)
+        if self.adherence == "vqa":
+            from lora_lab.models.vqa import YesNoScorer
+
+            self.vqa = YesNoScorer(self.vqa_cfg or VqaScorerConfig(), self.device)
 
     @property
     def random_weights(self) -> bool:
@@ -68,6 +75,11 @@ class Scorer:
     @property
     def notes(self) -> List[str]:
         out = [f"CLIP: {self.clip.source}"]
+        if self.vqa is not None:
+            out.append(f"adherence: question answering, P(yes) that the image shows the ask ({self.vqa.source})")
+        else:
+            out.append("adherence: CLIP zero-shot, the probability that an image shows the ask rather than its "
+                       "'versus' (what the subject has instead); asks without a versus: CLIP similarity")
         if self.face is not None:
             out.append(f"FaceNet: {self.face.source}")
         if self.random_weights:
@@ -97,12 +109,20 @@ class Scorer:
         return ref
 
     def score(self, images: Sequence[Image.Image], judge_texts: Sequence[Optional[str]],
-              ref: References) -> List[Dict[str, object]]:
+              ref: References, versus_texts: Optional[Sequence[Optional[str]]] = None) -> List[Dict[str, object]]:
         """Per image: face_detected, face_likeness, clip_i, clip_i_max (+ which reference),
-        clip_adherence (vs its judge text; NaN for likeness prompts) and the image embedding."""
+        clip_adherence (vs its judge text; NaN for likeness prompts), ask_prob (with a
+        ``versus`` text: the probability that the image shows the judge text rather than
+        the versus text, CLIP zero-shot over the pair with the model's own logit scale;
+        NaN without) and the image embedding."""
+        versus_texts = list(versus_texts) if versus_texts is not None else [None] * len(images)
         emb = self.clip.images(images)
-        texts = sorted({t for t in judge_texts if t})
+        texts = sorted({t for t in list(judge_texts) + versus_texts if t})
         text_emb = dict(zip(texts, self.clip.texts(texts))) if texts else {}
+        scale = self.clip.logit_scale
+        asked = [i for i, j in enumerate(judge_texts) if j]
+        yes = dict(zip(asked, self.vqa.yes([images[i] for i in asked], [judge_texts[i] for i in asked]))) \
+            if self.vqa is not None and asked else {}
         sims = emb @ ref.clip.T  # (n, refs)
         faces = self.face.embed(images) if self.face is not None else [None] * len(images)
         rows = []
@@ -113,6 +133,7 @@ class Scorer:
                 "clip_i_max": float(sims[i, best]),
                 "closest_reference": ref.names[best],
                 "clip_adherence": (100.0 * max(float(emb[i] @ text_emb[judge]), 0.0)) if judge else float("nan"),
+                **_ask_fields(i, emb[i], judge, versus_texts[i], text_emb, scale, yes),
                 "clip_model": self.clip.source,
                 "embedding": emb[i],
             }
@@ -123,6 +144,24 @@ class Scorer:
                                         if f is not None and ref.face_centroid is not None else float("nan"))
             rows.append(row)
         return rows
+
+
+def _ask_fields(i, image, judge, versus, text_emb, scale, yes) -> Dict[str, object]:
+    """How an adaptability image's adherence is measured: a VQA model's P(yes), CLIP zero-shot
+    against the versus text, or (no versus) only the CLIP score, ``ask_prob`` then NaN."""
+    if i in yes:
+        return {"ask_prob": yes[i], "ask_method": "vqa"}
+    if judge and versus:
+        return {"ask_prob": ask_probability(image, text_emb[judge], text_emb[versus], scale), "ask_method": "versus"}
+    return {"ask_prob": float("nan"), "ask_method": "clip" if judge else None}
+
+
+def ask_probability(image: torch.Tensor, ask: torch.Tensor, versus: torch.Tensor, logit_scale: float) -> float:
+    """P(the image shows ``ask`` rather than ``versus``): a softmax over the two cosines at the
+    model's logit scale, as CLIP's zero-shot classification. 0.5 means as much one as the
+    other on any CLIP model, whatever its similarity scale."""
+    logits = logit_scale * torch.stack([image @ ask, image @ versus])
+    return float(torch.softmax(logits, dim=0)[0])
 
 
 def diversity(embeddings: Sequence[torch.Tensor]) -> float:

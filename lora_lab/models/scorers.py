@@ -138,6 +138,12 @@ class ClipEmbedder:
         batch = torch.stack([self.preprocess(im.convert("RGB")) for im in images]).to(self.device)
         return F.normalize(self.model.encode_image(batch).float(), dim=-1).cpu()
 
+    @property
+    def logit_scale(self) -> float:
+        """The model's own temperature for zero-shot classification (OpenAI CLIP: 100)."""
+        scale = getattr(self.model, "logit_scale", None)
+        return float(scale.detach().exp().clamp(max=100.0)) if scale is not None else 100.0
+
     @torch.no_grad()
     def texts(self, texts: Sequence[str]) -> torch.Tensor:
         tokens = self.tokenizer(list(texts)).to(self.device)

@@ -31,6 +31,7 @@ def write(out_dir: Path, lora_dir: Path, results: Dict[str, "object"], transfer_
           transfer_table=None) -> Path:
     """Write ``out_dir/report.html`` for one evaluation per checkpoint (``results``: name ->
     EvalResult; one entry without eval.checkpoints)."""
+    from lora_lab.report.leaderboard import shown
     from lora_lab.report.study import jinja_env
 
     checkpoints, warnings = [], []
@@ -40,7 +41,7 @@ def write(out_dir: Path, lora_dir: Path, results: Dict[str, "object"], transfer_
                  for g in result.grids]
         checkpoints.append({"name": name, "best": result.verdict["best"], "rows": _rows(result.judged),
                             "grids": grids})
-        warnings += [n for n in result.verdict["notes"] if "not meaningful" in n and n not in warnings]
+        warnings += [n for n in result.verdict["notes"] if shown(n) and n not in warnings]
     transfer = None
     if transfer_table is not None:
         names = list(results)

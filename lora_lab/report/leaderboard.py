@@ -69,6 +69,11 @@ def save(study_dir: Path, table: pd.DataFrame) -> None:
     atomic_write_bytes(Path(study_dir) / "leaderboard.parquet", buf.getvalue())
 
 
+def shown(note: str) -> bool:
+    """The scorer notes every page shows: random weights, and which adherence ran."""
+    return "not meaningful" in note or note.startswith("adherence:")
+
+
 def notes(study_dir: Path) -> list:
     """Scorer notes from the trials' verdicts (e.g. random scorer weights), each once."""
     seen: list = []

@@ -246,7 +246,7 @@ def build_report(study_dir: Path, reports_root: Path = Path("reports")) -> Path:
     try:
         env = jinja_env()
         table = leaderboard.build(study_dir)
-        warnings = [n for n in leaderboard.notes(study_dir) if "not meaningful" in n]
+        warnings = [n for n in leaderboard.notes(study_dir) if leaderboard.shown(n)]
         params = [c for c in table.columns if c not in leaderboard.FIRST + leaderboard.LAST]
         columns = ["trial", "state"] + params + ["objective", "verdict", "best_epoch", "best_strength", "likeness",
                                                   "adherence", "snippet", "reason"]

@@ -79,7 +79,8 @@ class Worker:
         self.base = load_base(config.model, self.cache_dir, self.device)
         dataset = self.dataset(config)
         self.suite = load_suite(config.eval.suite, dataset.token or "", dataset.suite)
-        self.scorer = Scorer(self.suite.kind, config.eval.face, config.eval.clip, self.device)
+        self.scorer = Scorer(self.suite.kind, config.eval.face, config.eval.clip, self.device,
+                             config.eval.adherence, config.eval.vqa)
         self.base_renders: Dict[tuple, list] = {}  # base-model images shared by this worker's trials
         self.render_plan: Dict[Any, Any] = {}  # the batch size chosen once for this worker
         self.after_check = None  # called after every per-epoch check (the sweep rewrites its report)

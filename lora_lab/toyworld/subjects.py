@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import random
+import re
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
@@ -86,10 +87,43 @@ class Subject:
         return ", ".join(parts)
 
     def suite(self) -> dict:
-        """The prompt suite (lora_lab's suite format) that evaluates this subject."""
+        """The prompt suite (lora_lab's suite format) that evaluates this subject; each ask's
+        ``versus`` is what the subject has instead (its own :meth:`versus`)."""
+        adaptability = []
+        for a in self.asks:
+            item = {"prompt": a["prompt"], "judge": a["judge"]}
+            versus = a.get("versus") or self.versus(a)
+            if versus:
+                item["versus"] = versus
+            adaptability.append(item)
         return {"kind": "object", "token": self.token, "likeness": list(self.likeness),
-                "adaptability": [{"prompt": a["prompt"], "judge": a["judge"]} for a in self.asks],
-                "negative_prompt": ""}
+                "adaptability": adaptability, "negative_prompt": ""}
+
+    def own(self, attribute: str):
+        """The subject's own value of ``attribute`` in every drawing, or None when it varies."""
+        if attribute in self.identity:
+            return self.identity[attribute]
+        if attribute in self.fixed:
+            return self.fixed[attribute]
+        varied = self.vary.get(attribute)
+        if isinstance(varied, (list, tuple)) and len(set(varied)) == 1:
+            return varied[0]
+        if varied is None and attribute in _DEFAULTS and attribute not in _ACCESSORIES:
+            return _DEFAULTS[attribute]
+        return None
+
+    def versus(self, ask: dict) -> Optional[str]:
+        """The ask's judge text with the asked value replaced by the subject's own ("photo of a
+        person with brown eyes" -> "... with blue eyes" for blue-eyed dax); None when the
+        subject's value varies between drawings, equals the ask, or is not a word of the text."""
+        own, value = self.own(ask["attribute"]), ask["value"]
+        if own is None or own == value or isinstance(value, bool):
+            return None
+        judge = ask["judge"]
+        pattern = re.compile(rf"\b{re.escape(str(value))}\b")
+        if len(pattern.findall(judge)) != 1:
+            return None
+        return pattern.sub(str(own), judge)
 
     def asked(self, prompt: str) -> Optional[Tuple[str, object]]:
         """What an adaptability prompt (token filled in) asks for, as (attribute, value)."""
@@ -163,6 +197,8 @@ def load(name: Optional[str] = None) -> Subject:
     asks = []
     for i, a in enumerate(doc["asks"]):
         missing = {"prompt", "judge", "attribute", "value"} - set(a)
+        if set(a) - {"prompt", "judge", "attribute", "value", "versus"}:
+            raise ConfigError(f"{where}: asks[{i}]: unknown key {sorted(set(a) - {'prompt', 'judge', 'attribute', 'value', 'versus'})[0]!r}")
         if missing:
             raise ConfigError(f"{where}: asks[{i}] needs {', '.join(sorted(missing))}")
         if "{token}" not in a["prompt"]:
@@ -200,5 +236,5 @@ def data_folder(cache_dir: Path, name: Optional[str] = None) -> Path:
         (tmp / "suite.yaml").write_text(yaml.safe_dump(subject.suite(), sort_keys=False), encoding="utf-8")
         (tmp / "subject.yaml").write_text(source.read_text(encoding="utf-8"), encoding="utf-8")
 
-    target = Path(cache_dir) / "toyworld-v6" / f"{subject.name}-{subject.digest}"
+    target = Path(cache_dir) / "toyworld-v7" / f"{subject.name}-{subject.digest}"
     return publish_dir(target, build, "subject.yaml")
