@@ -45,8 +45,10 @@ def split_tables(overrides: List[str]) -> Tuple[List[str], Dict[str, dict]]:
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.errors import HydraException
 
+    from lora_lab.config.judge_file import expand
+
     rest, tables = [], {}
-    for item in overrides:
+    for item in expand(overrides):  # eval.judge=FILE.yaml -> one override per threshold
         key = item.split("=", 1)[0]
         if key not in TABLES:
             rest.append(item)

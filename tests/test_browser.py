@@ -118,3 +118,82 @@ def test_bench_report_times_a_grown_study_in_chromium(tmp_path, cache_dir, demo_
     assert result["page"]["images"] >= 6 * 3 and result["size"]["thumbs"] >= 6 * 3 * 2  # each trial its own
     assert "front page in Chromium: loaded in" in proc.stdout and "target < 2 s" in proc.stdout
     assert len(list((tmp_path / "report" / "big").glob("trial_*"))) == 6
+
+
+def test_labels_by_click_and_key_survive_reloads_and_rewrites_then_calibrate_reads_them(browser, script_study,
+                                                                                        tmp_path):
+    import json
+    import shutil
+    import sys
+    import time
+
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.common.by import By
+
+    from lora_lab.report.study import build_report
+
+    study, _ = script_study
+    copy = tmp_path / "sweeps" / "smoke"
+    shutil.copytree(study, copy)
+    index = build_report(copy, tmp_path / "reports")
+    browser.get(index.as_uri())
+
+    def count():
+        return browser.find_element(By.CSS_SELECTOR, "#labels .count").text
+
+    def label_of(key, where=""):
+        return browser.find_element(By.CSS_SELECTOR, f'{where} td[data-cell="{key}"]').get_attribute("data-label")
+
+    assert count().startswith("0 labelled")
+    cells = browser.find_elements(By.CSS_SELECTOR, "#trials-by-strength td[data-cell]")
+    assert len(cells) == 2 * 2  # trials x LoRA strengths; the base model's column is not labelled
+    ActionChains(browser).move_to_element(cells[0]).send_keys("o").perform()
+    cells[2].find_element(By.CSS_SELECTOR, 'button[data-label="good"]').click()  # the other trial's
+    assert count() == "2 labelled (0 underfit, 1 good, 1 overfit)"
+    ActionChains(browser).move_to_element(cells[2]).send_keys("g").perform()  # the same key again: unlabelled
+    assert count() == "1 labelled (0 underfit, 0 good, 1 overfit)"
+    cells[2].find_element(By.CSS_SELECTOR, 'button[data-label="underfit"]').click()
+    first, second = cells[0].get_attribute("data-cell"), cells[2].get_attribute("data-cell")
+
+    build_report(copy, tmp_path / "reports")  # the report rewritten (as after every trial), then reloaded
+    browser.refresh()
+    assert count() == "2 labelled (1 underfit, 0 good, 1 overfit)"
+    assert label_of(first) == "overfit" and label_of(second) == "underfit"
+    trial = first.split("/")[0]
+    browser.get((index.parent / f"trial_{trial}" / "index.html").as_uri())
+    assert label_of(first, "#cells-xy") == "overfit"  # the same cell on its trial page
+    other = [c for c in browser.find_elements(By.CSS_SELECTOR, "#cells-xy td[data-cell]")
+             if c.get_attribute("data-cell") not in (first, second)][0]
+    ActionChains(browser).move_to_element(other).send_keys("g").perform()
+    assert count() == "3 labelled (1 underfit, 1 good, 1 overfit)"
+
+    downloads = tmp_path / "downloads"
+    downloads.mkdir()
+    browser.execute_cdp_cmd("Browser.setDownloadBehavior", {"behavior": "allow", "downloadPath": str(downloads)})
+    browser.find_element(By.CSS_SELECTOR, "#labels button.download").click()
+    saved = downloads / "labels.json"
+    for _ in range(100):
+        if saved.exists() and saved.stat().st_size:
+            break
+        time.sleep(0.1)
+    doc = json.loads(saved.read_text())
+    got = {(x["trial"], x["epoch"], x["strength"]): x["label"] for x in doc["labels"]}
+    assert doc["study"] == "smoke" and all(x["study"] == "smoke" and x["when"] for x in doc["labels"])
+    key = lambda k: (int(k.split("/")[0]), int(k.split("/")[1]), float(k.split("/")[2]))  # noqa: E731
+    assert got == {key(first): "overfit", key(second): "underfit", key(other.get_attribute("data-cell")): "good"}
+
+    proc = run_cli([sys.executable, "-m", "lora_lab.calibrate", str(copy), str(saved), "--reports",
+                    str(tmp_path / "reports")], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "3 labels (1 underfit, 1 good, 1 overfit)" in proc.stdout and "cross-validated" in proc.stdout
+    assert (copy / "judge.yaml").is_file() and list(copy.glob("trial_*/verdict.before-calibration-*.json"))
+    browser.refresh()  # calibrate rewrote the report: the labels stay, the cells to label next are framed
+    assert count() == "3 labelled (1 underfit, 1 good, 1 overfit)"
+    nxt = json.loads((copy / "labels_next.json").read_text())["cells"]
+    pages = {c["trial"] for c in nxt}
+    framed = 0
+    for t in pages:
+        browser.get((index.parent / f"trial_{t}" / "index.html").as_uri())
+        framed += len(browser.find_elements(By.CSS_SELECTOR, "#cells-xy td.label-next"))
+    assert framed == len(nxt) > 0
+    assert [e for e in browser.get_log("browser") if e["level"] == "SEVERE"] == []

@@ -23,6 +23,7 @@ FLOORS = [
     {"train"},
     {"evaluate"},
     {"sweep"},
+    {"calibrate"},
     {"toyworld"},
     {"bench"},
 ]

@@ -38,8 +38,12 @@ def test_front_page_shows_the_winner_and_every_trial_in_pictures(script_study):
     # Trials x strengths at each trial's best epoch: one cell per trial and strength, framed by
     # verdict, scores as change from the base model on hover, linked to the trial page.
     grid = _ids(index, "trials-by-strength")
-    cells = re.findall(r'<td class="cell v-(\w+)" title="([^"]*)"><a href="trial_(\d)/index.html">', grid)
+    cells = re.findall(r'<td class="cell v-(\w+)" title="([^"]*)"([^>]*)><a href="trial_(\d)/index.html">', grid)
     assert len(cells) == 2 * 3  # 2 trials x strengths 0, 0.5, 1 (model=tiny)
+    # every LoRA cell can be labelled (trial/epoch/strength), the base model's cannot
+    assert [bool(re.fullmatch(r' data-cell="\d/\d+/[\d.]+" data-trial="\d" data-epoch="\d+" data-strength="[\d.]+"', a))
+            for v, _, a, _ in cells] == [v != "base" for v, _, _, _ in cells]
+    cells = [(v, t, n) for v, t, _, n in cells]
     assert {v for v, _, _ in cells} <= {"base", "good", "underfit", "overfit"}
     assert all("vs base (raw" in t for v, t, _ in cells if v != "base")
     assert [n for _, _, n in cells] == ["0"] * 3 + ["1"] * 3

@@ -20,7 +20,6 @@ cell's two verdicts and the disagreements page in ``<out>/truth/``.
 from __future__ import annotations
 
 import json
-import math
 import os
 import subprocess
 import sys
@@ -36,6 +35,7 @@ from lora_lab.bench import truth_rules as gt
 from lora_lab.bench.truth_pruning import pruning
 from lora_lab.config import JudgeConfig
 from lora_lab.evaluate.judge import best_cell, judge
+from lora_lab.numbers import wilson
 from lora_lab.toyworld import assets, subjects
 
 CALIBRATION = ("sks", "vek", "mox")
@@ -48,16 +48,6 @@ CANDIDATES = {"underfit_gain": [0.1, 0.15, 0.2, 0.25, 0.3, 0.35, 0.4, 0.5],
               "ask_drop": [0.25, 0.5, 0.75, 1.0],
               "diversity_drop": [0.5, 1.0], "copy_threshold": [0.95, 1.0]}
 _JUDGED = ["gain", "combined", "verdict", "reasons"]
-
-
-def wilson(hits: int, n: int) -> List[Optional[float]]:
-    """95% Wilson score interval of a proportion (None for n = 0)."""
-    if n == 0:
-        return [None, None]
-    z, p = 1.959964, hits / n
-    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return [round(max(0.0, centre - half), 4), round(min(1.0, centre + half), 4)]
 
 
 def _share(hits: int, n: int) -> dict:

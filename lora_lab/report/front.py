@@ -16,6 +16,7 @@ import pandas as pd
 from lora_lab.files import read_json
 from lora_lab.images import open_rgb
 from lora_lab.numbers import fmt, number
+from lora_lab.report.labels import cell_key
 
 THUMB = 160  # px, the longer side
 
@@ -110,7 +111,8 @@ class TrialCells:
                      f"likeness {change(c.get('likeness'), base.get('likeness'))} vs base "
                      f"(raw {fmt(c.get('likeness'))}), adherence {change(c.get('adherence'), base.get('adherence'), True)}"
                      f" vs base (raw {fmt(c.get('adherence'))}). " + "; ".join(c.get("reasons", [])[:1]))
-        return {"verdict": verdict, "images": shown, "hover": hover, "trial": self.number}
+        return {"verdict": verdict, "images": shown, "hover": hover, "trial": self.number, "epoch": epoch,
+                "strength": strength, "key": cell_key(self.number, epoch, strength)}
 
 
 def front_page(study_dir: Path, out: Path, winner: Optional[dict], previous: Optional[Path] = None) -> dict:

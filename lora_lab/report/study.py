@@ -25,7 +25,8 @@ import pandas as pd
 
 from lora_lab.files import DIR_MODE, read_json
 from lora_lab.report import leaderboard
-from lora_lab.report.front import change, front_page, progress
+from lora_lab.report.front import Images, TrialCells, change, front_page, progress
+from lora_lab.report.labels import labelling
 from lora_lab.report.tensorboard import read_scalars
 
 TEMPLATES = Path(__file__).resolve().parent / "templates"
@@ -156,7 +157,7 @@ def _loss_figure(tb_dir: Path, path: Path) -> bool:
     return True
 
 
-def _trial_page(env, study: dict, tdir: Path, out: Path, warnings: List[str]) -> None:
+def _trial_page(env, study: dict, tdir: Path, out: Path, warnings: List[str], labels: dict) -> None:
     info = read_json(tdir / "trial.json") or {}
     verdict = read_json(tdir / "verdict.json") or {}
     page_dir = out / tdir.name
@@ -201,11 +202,17 @@ def _trial_page(env, study: dict, tdir: Path, out: Path, warnings: List[str]) ->
                             "likeness_change": "baseline" if is_base else change(c.get("likeness"), b.get("likeness")),
                             "adherence_change": "baseline" if is_base else
                             change(c.get("adherence"), b.get("adherence"), pct=True)})
+    xy = None
+    if verdict.get("cells"):
+        tc, images = TrialCells(tdir), Images(page_dir)
+        xy = {"strengths": tc.strengths,
+              "rows": [{"epoch": e, "cells": [tc.cell(images, e, s) for s in tc.strengths]} for e in tc.epochs]}
     t = {"number": info.get("number", tdir.name.split("_")[1]), "state": info.get("state", "unknown"),
          "params": info.get("params", {}), "objective_text": _fmt(info.get("objective")),
          "reason": info.get("reason", ""), "duration": info.get("duration_s"), "error": error}
     html = env.get_template("trial.html.j2").render(study=study, t=t, best=verdict.get("best"), cells=shown_cells,
-                                                   figures=figures, grids=grids, captions=tags[:200],
+                                                   figures=figures, grids=grids, captions=tags[:200], xy=xy,
+                                                   labels=labels,
                                                    warnings=[n for n in verdict.get("notes", []) if n in warnings])
     (page_dir / "index.html").write_text(html, encoding="utf-8")
 
@@ -213,7 +220,7 @@ def _trial_page(env, study: dict, tdir: Path, out: Path, warnings: List[str]) ->
 def _stamp(tdir: Path, info: dict) -> str:
     """What a trial page is drawn from, as sizes and times: equal stamps, equal pages."""
     files = []
-    for name in ("trial.json", "verdict.json", "scores.csv", "error.txt"):
+    for name in ("trial.json", "verdict.json", "scores.csv", "error.txt", "../labels_next.json"):
         try:
             st = (tdir / name).stat()
             files.append([name, st.st_size, st.st_mtime_ns])
@@ -245,6 +252,7 @@ def build_report(study_dir: Path, reports_root: Path = Path("reports")) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=f".{study_dir.name}-", dir=reports_root))
     try:
         env = jinja_env()
+        labels = labelling(study_dir, study["name"])
         table = leaderboard.build(study_dir)
         warnings = [n for n in leaderboard.notes(study_dir) if leaderboard.shown(n)]
         params = [c for c in table.columns if c not in leaderboard.FIRST + leaderboard.LAST]
@@ -270,7 +278,7 @@ def build_report(study_dir: Path, reports_root: Path = Path("reports")) -> Path:
         html = env.get_template("index.html.j2").render(
             study=study, rows=rows, columns=columns, winner=winner, figures=figures, definition=definition,
             warnings=warnings, built=time.strftime("%Y-%m-%d %H:%M:%S"), front=front,
-            progress=progress(study_dir, table, study))
+            progress=progress(study_dir, table, study), labels=labels)
         (tmp / "index.html").write_text(html, encoding="utf-8")
         for tdir in sorted(study_dir.glob("trial_*")):
             info = read_json(tdir / "trial.json") or {}
@@ -281,7 +289,7 @@ def build_report(study_dir: Path, reports_root: Path = Path("reports")) -> Path:
             if info.get("state") != "running" and _read_text(previous / ".stamp") == stamp:
                 shutil.copytree(previous, tmp / tdir.name)  # unchanged since the last build: no redrawing
                 continue
-            _trial_page(env, study, tdir, tmp, warnings)
+            _trial_page(env, study, tdir, tmp, warnings, labels)
             (tmp / tdir.name / ".stamp").write_text(stamp, encoding="utf-8")
         os.chmod(tmp, DIR_MODE)
         old = reports_root / f".{study_dir.name}-old-{os.getpid()}"
