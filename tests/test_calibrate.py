@@ -231,3 +231,28 @@ def test_judge_file_on_the_command_line(tmp_path):
     path.write_text("underfit_gain: 1.5\n")
     with pytest.raises(ConfigError, match="eval.judge.underfit_gain"):
         compose([f"eval.judge={path}"])
+
+
+def test_bench_calibrate_measures_labelling_against_an_eye(study):
+    from lora_lab.bench.calibrate import pooled, subject_figures
+
+    truth = {(t, e, s): eye(t, e, s) for t in FACTOR for e in range(1, 5) for s in STRENGTHS}
+    fig = subject_figures(study, truth, shipped=START)
+    assert fig["cells"] == 24 and fig["true"] == {"underfit": 14, "good": 6, "overfit": 4}
+    assert sorted(fig["steps"]) == [10, 20]  # 40 labels: more than the study has
+    for n, step in fig["steps"].items():
+        assert step["unlabelled"] == 24 - n
+        assert step["best_possible"] == step["unlabelled"]  # the eye is a setting of the grid
+        assert step["calibrated"] <= step["best_possible"] and 0 <= step["random_labels"] <= 1
+    assert fig["steps"][20]["calibrated"] == 4 and fig["steps"][20]["setting"]["underfit_gain"] in (0.25, 0.3)
+    # the first ten labels include the cells the candidate settings split on most: both 22% ask drops,
+    # which the real-model defaults (an ask lost at a 20% drop) call overfit and the eye calls good
+    from lora_lab.bench.calibrate import simulate
+
+    v = verdict_table(load_study(study), JudgeConfig())
+    y = np.array([["underfit", "good", "overfit"].index(truth[c]) for c in v.cells])
+    first = [v.cells[i] for i in np.flatnonzero(~simulate(v, y)[10]["rest"])]
+    assert len(first) == 10 and {(0, 4, 1.0), (1, 4, 1.0)} <= set(first)
+    assert fig["steps"][10]["defaults"] == fig["steps"][10]["unlabelled"]  # on the cells left, the defaults agree
+    table = pooled({"cal": fig})
+    assert table[20]["calibrated"]["value"] == 1.0 and table[20]["gap_to_best_points"] == 0.0

@@ -270,6 +270,11 @@ def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["truth"]:
         return _truth(argv[1:])
+    if argv[:1] == ["calibrate"]:
+        from lora_lab.bench import calibrate as bench_calibrate
+
+        bench_calibrate.run(argv[1:])
+        return 0
     if argv[:1] == ["doctor"]:
         from lora_lab.bench import doctor as bench_doctor
 
