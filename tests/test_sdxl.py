@@ -384,3 +384,65 @@ def test_text_cache_keeps_both_encoders_and_the_pooled_embedding(xl_base, tmp_pa
         torch.testing.assert_close(again[c][0], hidden[i].detach())
         torch.testing.assert_close(again[c][1], pooled[i].detach())
     assert len(list(tmp_path.rglob("*.safetensors"))) == 2
+
+
+def test_several_sdxl_files_share_a_batch_in_one_pass_and_each_image_matches_its_own_render(xl_base, monkeypatch):
+    """Two SDXL LoRA files (UNet attention and conv layers, both text encoders) and the base
+    model in one pipeline call: each image equals the image rendered alone with peft's own
+    forward, and no layer splits the batch into one sub-batch per file."""
+    import numpy as np
+    from peft.tuners.lora import LoraLayer
+
+    from lora_lab.lora.strengths import SampleStrengths
+
+    pipe = xl_base.pipe
+    pipe.set_progress_bar_config(disable=True)
+    files = []
+    for seed, conv in ((11, 2), (12, 0)):
+        cfg = TrainConfig(network_dim=4, network_alpha=2.0, conv_dim=conv, conv_alpha=1.0, text_encoder_lr=1e-4,
+                          text_encoder_2_lr=1e-4)
+        encoders = _attach_random(pipe, cfg)
+        g = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for module in (pipe.unet, *encoders):
+                for name, p in module.named_parameters():
+                    if "lora_" in name:
+                        p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+        files.append(kohya_io.kohya_state_dict(pipe.unet, encoders))
+        lora_io.detach(pipe.unet, encoders)
+    assert any(k.startswith("lora_te2_") for k in files[0])
+    assert any(v.dim() == 4 and v.shape[-1] == 3 for k, v in files[0].items() if k.endswith(".lora_down.weight"))
+
+    def images(n, seeds):
+        with torch.no_grad():
+            out = pipe(prompt=["photo of sks woman"] * n, num_inference_steps=2, height=32, width=32,
+                       guidance_scale=5.0, generator=[torch.Generator().manual_seed(s) for s in seeds],
+                       output_type="np").images
+        return [np.asarray(x, dtype=np.float32) for x in out]
+
+    plan, seeds = [(0, 0.0), (0, 0.7), (1, 1.0), (0, 1.0)], [31, 32, 33, 34]
+    encoders = xl_base.text_encoders
+    names = [lora_io.eval_adapter(0), lora_io.eval_adapter(1)]
+    try:
+        alone = []
+        for (f, s), seed in zip(plan, seeds):
+            kohya_io.load_into(pipe.unet, encoders, files[f])
+            lora_io.set_strength(pipe.unet, encoders, s)
+            alone.append(images(1, [seed])[0])
+        lora_io.unload_all(pipe.unet, encoders)
+        for name, tensors in zip(names, files):
+            kohya_io.load_into(pipe.unet, encoders, tensors, adapter=name)
+
+        def refuse(*args, **kwargs):
+            raise AssertionError("a LoRA layer split the batch into one sub-batch per file")
+
+        for cls in {type(m) for m in pipe.unet.modules() if isinstance(m, LoraLayer)}:
+            monkeypatch.setattr(cls, "_mixed_batch_forward", refuse)
+        with SampleStrengths(pipe.unet, encoders, names) as per_sample:
+            per_sample.set([s for _, s in plan], [names[f] for f, _ in plan])
+            batched = images(4, seeds)
+    finally:
+        lora_io.unload_all(pipe.unet, encoders)
+    for i in range(4):
+        np.testing.assert_allclose(batched[i], alone[i], atol=1e-4, rtol=0)
+    assert np.abs(batched[2] - batched[3]).max() > 1e-2  # the second file is not the first

@@ -1,8 +1,9 @@
 """Render epochs x strengths x prompts x seeds with one pipeline, and draw A1111-style X/Y grids.
 
 The base pipeline is loaded once; each epoch's LoRA is swapped into it, and all of that
-epoch's cells (every strength, prompt and seed) render together, each image of a batch at its
-own strength on every LoRA layer. Every cell uses the same prompts, seeds, sampler, steps, CFG and
+epoch's cells (every strength, prompt and seed) render together, with as many other epochs as
+a batch holds, each image at its own strength from its own file on every LoRA layer (one
+stacked low-rank product per layer, :class:`SampleStrengths`). Every cell uses the same prompts, seeds, sampler, steps, CFG and
 size, so the differences come from the LoRA alone. Each image carries A1111 infotext in its
 ``parameters`` PNG chunk, so PNG Info in A1111 reproduces it.
 """
@@ -156,8 +157,8 @@ def render(pipe, lora_files: Sequence[Tuple[int, Path, Dict[str, torch.Tensor], 
         settings: Sampler, steps, CFG, size, seeds, negative prompt, batch size (None: auto).
         out_dir: Cell images go to ``out_dir/cells/``.
         timing: Filled with render_s, attach_s (adding the adapter layers for the first file),
-            switch_s (later epoch swaps), png_s (writing the PNG files, inside render_s), images
-            and batch_size.
+            switch_s (later epoch swaps, and stacking a batch's files per layer), png_s (writing
+            the PNG files, inside render_s), images and batch_size.
         base_renders: A worker's memory of base-model images (same prompt and settings give
             the same pixels), shared by its trials.
         plan: A worker's memory of the chosen batch size.
@@ -235,7 +236,9 @@ def render(pipe, lora_files: Sequence[Tuple[int, Path, Dict[str, torch.Tensor], 
                     jobs += [(p, seed, s, adapter) for s in lora_strengths for p in prompts for seed in settings.seeds]
                 if need_base:
                     jobs = [(p, seed, 0.0, adapters[0]) for p, seed, _ in base_jobs] + jobs
-                with SampleStrengths(unet, text_encoder, adapters) as per_sample:
+                switch = time.perf_counter()
+                with SampleStrengths(unet, text_encoder, adapters) as per_sample:  # the files stacked per layer
+                    timing["switch_s"] += time.perf_counter() - switch
                     images = generate(pipe, jobs, settings, per_sample, on_batch=bar.update, plan=plan)
             except LoraLabError:
                 raise

@@ -3,12 +3,26 @@ call renders every strength of an epoch (and several epochs) of the X/Y grid."""
 
 from __future__ import annotations
 
-from typing import Dict, List, Optional
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Tuple
 
 import torch
+import torch.nn.functional as F
 
 from lora_lab.errors import LoraLabError
-from lora_lab.lora.adapters import EVAL_ADAPTER, activate, modules_of
+from lora_lab.lora.adapters import EVAL_ADAPTER, modules_of
+
+
+@dataclass
+class _Stack:
+    """One layer's LoRA files side by side: their down weights stacked on the rank axis (R =
+    the sum of the files' ranks), their up weights likewise, and which file and alpha / rank
+    each of the R columns belongs to."""
+
+    down: torch.Tensor  # (R, in) or (R, in, kh, kw)
+    up: torch.Tensor  # (out, R) or (out, R, 1, 1)
+    columns: tuple  # ((file index, rank, alpha / rank), ...): the key of the per-sample scales
+    conv: Optional[Tuple] = None  # (stride, padding, dilation, groups) of a conv layer's down weight
 
 
 class SampleStrengths:
@@ -19,35 +33,42 @@ class SampleStrengths:
             s.set([0, 0.5, 1], [eval_adapter(0), eval_adapter(0), eval_adapter(1)])
             pipe(...)
 
-    A forward hook on every LoRA layer's up projection multiplies its output by the strength
-    of the sample it belongs to (the layer's own alpha / rank stays in peft's scale), so sample
-    i gets ``W x + strengths[i] * (alpha / rank) * up(down(x))`` on every layer, text encoder
-    included. Several files share a batch through peft's mixed-adapter batches (each layer
-    runs each adapter on its own samples only); a strength-0 sample then runs no adapter at all
-    (peft's ``__base__``), and one adapter alone adds exactly zero: either way the base model's
-    image. A batch under classifier-free guidance runs the UNet on twice the samples (the
-    negative prompts' half, then the prompts' half, in the same order); both halves get the
-    same strengths and files.
+    Every LoRA layer computes all its files in one batched low-rank product (as Punica's and
+    S-LoRA's multi-adapter kernels do): the files' down weights stacked (R = the sum of their
+    ranks), a per-sample scale on each of the R columns (the sample's strength x its file's
+    alpha / rank on its own file's columns, 0 on the others), then the stacked up weights::
+
+        y_i = W x_i + up(m_i * down(x_i)),   m_i = strength_i * alpha / rank on file_i's columns
+
+    so the cost grows with the stacked rank, not with the number of files, and no batch is cut
+    into one sub-batch per file. peft's own forward of those adapters is bypassed while the
+    block is open (the layers run their base weights plus this product). A strength-0 sample
+    gets all-zero scales: exactly the base model's output. Text encoders and LoCon's conv
+    layers included. A batch under classifier-free guidance runs the UNet on twice the samples
+    (the negative prompts' half, then the prompts' half, in the same order); both halves get
+    the same strengths and files.
     """
 
     def __init__(self, unet, text_encoder, adapters=(EVAL_ADAPTER,)):
         self.modules = tuple(modules_of(unet, text_encoder))
         self.adapters = list(adapters)
-        self._values: Dict[str, torch.Tensor] = {}
-        self._names: Optional[List[str]] = None  # per sample, when several adapters share a batch
+        self._files = torch.zeros(0, dtype=torch.long)
+        self._strengths = torch.zeros(0)
+        self._scales: Dict[tuple, torch.Tensor] = {}
+        self._stacks: Dict[torch.nn.Module, _Stack] = {}
         self._handles: list = []
+        self._bypassed: List[torch.nn.Module] = []
 
     def set(self, strengths, adapters=None) -> None:
         """Strength (and adapter name; default: the first adapter) of each sample in order."""
-        strengths = [float(s) for s in strengths]
         names = list(adapters) if adapters is not None else [self.adapters[0]] * len(strengths)
-        if len(self.adapters) > 1:
-            names = ["__base__" if s == 0 else n for s, n in zip(strengths, names)]
-            self._names = names
-        else:
-            self._names = None
-        self._values = {a: torch.tensor([s for s, n in zip(strengths, names) if n == a], dtype=torch.float32)
-                        for a in set(names)}
+        unknown = [n for n in names if n not in self.adapters]
+        if unknown:
+            raise LoraLabError(f"LoRA file {unknown[0]!r} is not among the files loaded side by side "
+                               f"({', '.join(self.adapters)})")
+        self._files = torch.tensor([self.adapters.index(n) for n in names], dtype=torch.long)
+        self._strengths = torch.tensor([float(s) for s in strengths], dtype=torch.float32)
+        self._scales.clear()
 
     @staticmethod
     def _per_sample(values, n: int, what: str):
@@ -58,39 +79,79 @@ class SampleStrengths:
             return values + values if isinstance(values, list) else torch.cat([values, values])
         raise RuntimeError(f"LoRA {what} for {k} samples, but a layer saw a batch of {n}")
 
-    def _pre_hook(self, module, args, kwargs):
-        if self._names is None:
-            return None
-        names = self._per_sample(self._names, args[0].shape[0], "files")
-        return args, {**kwargs, "adapter_names": names}
+    def _scale(self, stack: _Stack, n: int, device, dtype) -> torch.Tensor:
+        """(n, R): each sample's scale on each stacked column; shared by layers of one layout."""
+        key = (stack.columns, n, device, dtype)
+        found = self._scales.get(key)
+        if found is None:
+            files = self._per_sample(self._files, n, "strengths")
+            strengths = self._per_sample(self._strengths, n, "strengths")
+            owner = torch.tensor([f for f, r, _ in stack.columns for _ in range(r)], dtype=torch.long)
+            per_rank = torch.tensor([s for _, r, s in stack.columns for _ in range(r)], dtype=torch.float32)
+            found = (files[:, None] == owner[None, :]) * strengths[:, None] * per_rank[None, :]
+            found = self._scales[key] = found.to(device=device, dtype=dtype)
+        return found
 
-    def _hook_for(self, adapter: str):
-        def hook(module, args, output):
-            scale = self._per_sample(self._values[adapter], output.shape[0], "strengths")
-            return output * scale.to(output.device, output.dtype).view(-1, *([1] * (output.dim() - 1)))
+    def _hook(self, layer, args, output):
+        stack = self._stacks[layer]
+        x = args[0].to(stack.down.dtype)
+        scale = self._scale(stack, x.shape[0], x.device, x.dtype)
+        if stack.conv is None:
+            low = F.linear(x, stack.down)
+            low = low * scale.view(scale.shape[0], *([1] * (low.dim() - 2)), scale.shape[1])
+            delta = F.linear(low, stack.up)
+        else:
+            low = F.conv2d(x, stack.down, None, *stack.conv)
+            delta = F.conv2d(low * scale.view(*scale.shape, 1, 1), stack.up)
+        return output + delta.to(output.dtype)
 
-        return hook
+    def _stack(self, layer, present: List[Tuple[int, str]]) -> _Stack:
+        downs, ups, columns = [], [], []
+        conv = None
+        for index, name in present:
+            if name in getattr(layer, "lora_variant", {}):
+                raise LoraLabError("per-sample strengths apply to plain LoRA layers only")
+            down, up = layer.lora_A[name], layer.lora_B[name]
+            if not isinstance(down, (torch.nn.Linear, torch.nn.Conv2d)) or getattr(up, "bias", None) is not None:
+                raise LoraLabError("per-sample strengths apply to plain LoRA layers only (linear and conv, no bias)")
+            if isinstance(down, torch.nn.Conv2d):
+                conv = (down.stride, down.padding, down.dilation, down.groups)
+            layer.set_scale(name, 1.0)  # scaling = alpha / rank: the strength is the sample's own
+            downs.append(down.weight)
+            ups.append(up.weight)
+            columns.append((index, down.weight.shape[0], float(layer.scaling[name])))
+        # One file: its own weights, no copy (a full-rank file is as big as the layers it touches).
+        down = downs[0] if len(downs) == 1 else torch.cat(downs, dim=0)
+        up = ups[0] if len(ups) == 1 else torch.cat(ups, dim=1)
+        return _Stack(down, up, tuple(columns), conv)
 
     def __enter__(self) -> "SampleStrengths":
         from peft.tuners.lora import LoraLayer
 
-        for module in self.modules:
-            if len(self.adapters) == 1:
-                activate(module, self.adapters[0])
-            for layer in module.modules():
-                if not isinstance(layer, LoraLayer):
-                    continue
-                present = [a for a in self.adapters if a in layer.lora_B]
-                for adapter in present:
-                    if adapter in getattr(layer, "lora_variant", {}):
-                        raise LoraLabError("per-sample strengths apply to plain LoRA layers only")
-                    layer.set_scale(adapter, 1.0)
-                    self._handles.append(layer.lora_B[adapter].register_forward_hook(self._hook_for(adapter)))
-                if present and len(self.adapters) > 1:
-                    self._handles.append(layer.register_forward_pre_hook(self._pre_hook, with_kwargs=True))
+        try:
+            for module in self.modules:
+                for layer in module.modules():
+                    if not isinstance(layer, LoraLayer):
+                        continue
+                    present = [(i, a) for i, a in enumerate(self.adapters) if a in layer.lora_A]
+                    if not present:
+                        continue
+                    self._stacks[layer] = self._stack(layer, present)
+                    if not layer.disable_adapters:
+                        layer.enable_adapters(False)  # peft's forward runs the base weights only
+                        self._bypassed.append(layer)
+                    self._handles.append(layer.register_forward_hook(self._hook))
+        except BaseException:
+            self.__exit__()
+            raise
         return self
 
     def __exit__(self, *exc) -> None:
         for handle in self._handles:
             handle.remove()
+        for layer in self._bypassed:
+            layer.enable_adapters(True)
         self._handles.clear()
+        self._bypassed.clear()
+        self._stacks.clear()
+        self._scales.clear()
