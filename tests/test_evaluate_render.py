@@ -371,3 +371,46 @@ def test_render_puts_several_epochs_in_one_call_when_the_batch_holds_them(base, 
     # Each epoch's image is its own file's: epochs differ pixel for pixel.
     px = [np.asarray(Image.open(tmp_path / "cells" / f"a-00000{e}" / "s1" / "p00_seed1.png")) for e in (1, 2, 3)]
     assert not np.array_equal(px[0], px[1]) and not np.array_equal(px[1], px[2])
+
+
+def test_render_of_mixed_epochs_equals_each_image_alone_even_beside_a_training_adapter(base, tmp_path):
+    """render() stacks the epoch files on the model's own layers (no peft adapter per file): each
+    cell equals the image of its file alone at its strength through peft (PNG rounding: 1/255),
+    a training adapter on the same layers renders nothing and is trainable again afterwards."""
+    from lora_lab.data.suites import Prompt
+    from lora_lab.evaluate.render import render
+
+    pipe = base.pipe
+    pipe.set_progress_bar_config(disable=True)
+    first, second = _random_lora(pipe, 40), _random_lora(pipe, 41, conv=False)
+    files = [(1, tmp_path / "a-000001.safetensors", first, {}), (2, tmp_path / "a-000002.safetensors", second, {})]
+    prompts = [Prompt("likeness", "photo of sks woman", None, 0)]
+    settings = RenderSettings("Euler a", 3, 7.0, 32, [5, 6], "blurry", "tiny", batch_size=16)
+    pipe.scheduler = make_scheduler("Euler a", dict(pipe.scheduler.config))  # as render sets it
+    alone = {}
+    for (epoch, _, tensors, _), label in zip(files, ("a-000001", "a-000002")):
+        kohya_io.load_into(pipe.unet, pipe.text_encoder, tensors)
+        try:
+            for s in (0.5, 1.0):
+                lora_io.set_strength(pipe.unet, pipe.text_encoder, s)
+                for seed in (5, 6):
+                    alone[(label, s, seed)] = _pipe_images(pipe, 1, [seed], 7.0)[0]
+        finally:
+            lora_io.unload(pipe.unet, pipe.text_encoder)
+    cfg = TrainConfig(network_dim=4, network_alpha=4.0, text_encoder_lr=1e-4)
+    params = lora_io.attach(pipe.unet, pipe.text_encoder, cfg)  # a training run's adapter, mid-training
+    try:
+        with torch.no_grad():
+            for p in params:
+                p.copy_(torch.full_like(p, 0.05))
+        render(pipe, files, [0.0, 0.5, 1.0], prompts, settings, tmp_path, progress=False)
+        assert all(p.requires_grad for p in params)
+        layer = next(m for m in pipe.unet.modules() if hasattr(m, "lora_A") and lora_io.ADAPTER in m.lora_A)
+        assert layer.active_adapters == [lora_io.ADAPTER] and not layer.disable_adapters
+    finally:
+        lora_io.detach(pipe.unet, pipe.text_encoder)
+    for (label, s, seed), expected in alone.items():
+        got = np.asarray(Image.open(tmp_path / "cells" / label / f"s{s:g}" / f"p00_seed{seed}.png"), dtype=np.float32)
+        assert np.abs(got / 255 - expected).max() <= 1 / 255 + 1e-4, (label, s, seed)
+    a, b = (np.asarray(Image.open(tmp_path / "cells" / f"a-00000{e}" / "s1" / "p00_seed5.png")) for e in (1, 2))
+    assert not np.array_equal(a, b)

@@ -148,10 +148,10 @@ def probe(spec: Dict) -> Dict:
     settings = RenderSettings(cfg.eval.sampler, cfg.eval.steps, cfg.eval.cfg_scale, cfg.resolution,
                               list(cfg.eval.seeds), suite.negative_prompt, "bench")
     tensors, _ = kohya_io.read_kohya(Path(spec["lora"]))
-    kohya_io.load_into(base.unet, base.text_encoders, tensors)
+    placed = [kohya_io.placed_layers(base.unet, base.text_encoders, tensors)]  # as render places a file
     strengths = [s for s in cfg.eval.strengths if s] or [1.0]
     speeds = {}
-    with SampleStrengths(base.unet, base.text_encoders) as per_sample:
+    with SampleStrengths(base.unet, base.text_encoders, files=placed) as per_sample:
         for size in PROBE_BATCHES:
             jobs = [(suite.prompts[i % len(suite.prompts)], 1000 + i, strengths[i % len(strengths)])
                     for i in range(size)]

@@ -156,8 +156,8 @@ def render(pipe, lora_files: Sequence[Tuple[int, Path, Dict[str, torch.Tensor], 
         prompts: The suite's prompts.
         settings: Sampler, steps, CFG, size, seeds, negative prompt, batch size (None: auto).
         out_dir: Cell images go to ``out_dir/cells/``.
-        timing: Filled with render_s, attach_s (adding the adapter layers for the first file),
-            switch_s (later epoch swaps, and stacking a batch's files per layer), png_s (writing
+        timing: Filled with render_s, attach_s (placing the first file's weights on the
+            layers), switch_s (the later files, and stacking a batch's files per layer), png_s (writing
             the PNG files, inside render_s), images and batch_size.
         base_renders: A worker's memory of base-model images (same prompt and settings give
             the same pixels), shared by its trials.
@@ -224,12 +224,12 @@ def render(pipe, lora_files: Sequence[Tuple[int, Path, Dict[str, torch.Tensor], 
             if full:  # a full-rank file (LoHa, LoKr) is the size of the layers it touches: one at a time
                 group = group[: max(1, full[0])]
             adapters = [lora_io.eval_adapter(j) for j in range(len(group))]
-            jobs, labels = [], {}
+            jobs, labels, placed = [], {}, []
             try:
                 for adapter, (epoch, lora_path, tensors, meta) in zip(adapters, group):
                     switch = time.perf_counter()
-                    kohya_io.load_into(unet, text_encoder, tensors, source=str(lora_path), adapter=adapter)
-                    # The first file attaches the adapter layers; later ones only swap weights in place.
+                    placed.append(kohya_io.placed_layers(unet, text_encoder, tensors, source=str(lora_path)))
+                    # The first file of a trial counts as attaching, later ones as switching epochs.
                     timing["switch_s" if attached else "attach_s"] += time.perf_counter() - switch
                     attached = True
                     labels[adapter] = (label_of(lora_path, meta), meta)
@@ -237,7 +237,8 @@ def render(pipe, lora_files: Sequence[Tuple[int, Path, Dict[str, torch.Tensor], 
                 if need_base:
                     jobs = [(p, seed, 0.0, adapters[0]) for p, seed, _ in base_jobs] + jobs
                 switch = time.perf_counter()
-                with SampleStrengths(unet, text_encoder, adapters) as per_sample:  # the files stacked per layer
+                # the files stacked per layer on the model's own layers; no peft adapter is added
+                with SampleStrengths(unet, text_encoder, adapters, files=placed) as per_sample:
                     timing["switch_s"] += time.perf_counter() - switch
                     images = generate(pipe, jobs, settings, per_sample, on_batch=bar.update, plan=plan)
             except LoraLabError:

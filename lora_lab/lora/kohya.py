@@ -158,18 +158,15 @@ def base_weight(unet, text_encoder, name: str) -> Optional[torch.Tensor]:
     return (layer.get_base_layer() if hasattr(layer, "get_base_layer") else layer).weight.detach()
 
 
-def load_into(unet, text_encoder, tensors: Dict[str, torch.Tensor], source: str = "LoRA file",
-              adapter: str = adapters.EVAL_ADAPTER) -> None:
-    """Put a kohya LoRA into the models as the only active peft adapter (strength 1), reusing
-    the adapter already there when its layers, ranks and alphas match (a hot swap between
-    epochs). A training adapter, if any, stays in place, inactive, until :func:`unload`.
+def place(unet, text_encoder, tensors: Dict[str, torch.Tensor], source: str = "LoRA file"
+          ) -> Dict[str, Dict[str, tuple]]:
+    """A kohya LoRA's layers by model part and module path: ``{part: {path: (down, up, alpha)}}``.
 
     Raises:
         LoraLabError: when keys match no layer of this base model (another architecture).
     """
     index = module_index(unet, text_encoder)
-    modules = _part_modules(unet, text_encoder)
-    entries: Dict[str, Dict[str, tuple]] = {part: {} for part in modules}
+    entries: Dict[str, Dict[str, tuple]] = {part: {} for part in _part_modules(unet, text_encoder)}
     unknown = []
     for key in tensors:
         if not key.endswith(".lora_down.weight"):
@@ -192,7 +189,44 @@ def load_into(unet, text_encoder, tensors: Dict[str, torch.Tensor], source: str 
         )
     if not any(entries.values()):
         raise LoraLabError(f"{source}: no kohya LoRA weights found (keys like lora_unet_....lora_down.weight)")
-    for part, module in modules.items():
+    return entries
+
+
+def placed_layers(unet, text_encoder, tensors: Dict[str, torch.Tensor], source: str = "LoRA file"
+                  ) -> Dict[torch.nn.Module, tuple]:
+    """A kohya LoRA as ``{layer: (down, up, alpha / rank)}`` on the model's own layers (a peft
+    wrapper where a training adapter sits), each weight shaped as the layer computes it: down
+    ``(rank, in)`` or ``(rank, in, kh, kw)``, up ``(out, rank)`` or ``(out, rank, 1, 1)``; for
+    :class:`lora_lab.lora.strengths.SampleStrengths` without any peft adapter."""
+    modules = _part_modules(unet, text_encoder)
+    out = {}
+    for part, layers in place(unet, text_encoder, tensors, source).items():
+        for path, (down, up, alpha) in layers.items():
+            layer = modules[part].get_submodule(path)
+            base = layer.get_base_layer() if hasattr(layer, "get_base_layer") else layer
+            weight = base.weight
+            dtype = torch.float32 if weight.dtype in (torch.float16, torch.bfloat16) else weight.dtype  # as peft keeps it
+            rank = down.shape[0]
+            if isinstance(base, torch.nn.Conv2d):
+                down = down.reshape(rank, weight.shape[1], *base.kernel_size)
+                up = up.reshape(weight.shape[0], rank, 1, 1)
+            else:
+                down, up = down.reshape(rank, weight.shape[1]), up.reshape(weight.shape[0], rank)
+            out[layer] = (down.to(weight.device, dtype), up.to(weight.device, dtype), alpha / rank)
+    return out
+
+
+def load_into(unet, text_encoder, tensors: Dict[str, torch.Tensor], source: str = "LoRA file",
+              adapter: str = adapters.EVAL_ADAPTER) -> None:
+    """Put a kohya LoRA into the models as the only active peft adapter (strength 1), reusing
+    the adapter already there when its layers, ranks and alphas match (a hot swap between
+    epochs). A training adapter, if any, stays in place, inactive, until :func:`unload`.
+
+    Raises:
+        LoraLabError: when keys match no layer of this base model (another architecture).
+    """
+    entries = place(unet, text_encoder, tensors, source)
+    for part, module in _part_modules(unet, text_encoder).items():
         wanted = entries[part]
         layers = dict(adapters.lora_layers(module, adapter))
         current = {name: (layer.r[adapter], float(layer.lora_alpha[adapter])) for name, layer in layers.items()}

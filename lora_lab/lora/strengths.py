@@ -42,16 +42,24 @@ class SampleStrengths:
 
     so the cost grows with the stacked rank, not with the number of files, and no batch is cut
     into one sub-batch per file. peft's own forward of those adapters is bypassed while the
-    block is open (the layers run their base weights plus this product). A strength-0 sample
+    block is open (the layers run their base weights plus this product). With ``files`` (each
+    file's weights placed on the layers by :func:`lora_lab.lora.kohya.placed_layers`) no peft
+    adapter is needed at all: the hooks go on the model's own layers, and any peft adapter there
+    (a training one, mid-training) is bypassed while the block is open. A strength-0 sample
     gets all-zero scales: exactly the base model's output. Text encoders and LoCon's conv
     layers included. A batch under classifier-free guidance runs the UNet on twice the samples
     (the negative prompts' half, then the prompts' half, in the same order); both halves get
     the same strengths and files.
     """
 
-    def __init__(self, unet, text_encoder, adapters=(EVAL_ADAPTER,)):
+    def __init__(self, unet, text_encoder, adapters=(EVAL_ADAPTER,), files: Optional[List[dict]] = None):
         self.modules = tuple(modules_of(unet, text_encoder))
         self.adapters = list(adapters)
+        # Without peft: each file's {layer: (down, up, alpha / rank)} (kohya.placed_layers),
+        # named by ``adapters`` in order; None: the peft adapters ``adapters`` name.
+        self.files = files
+        if files is not None and len(files) != len(self.adapters):
+            raise ValueError(f"{len(files)} files but {len(self.adapters)} names for them")
         self._files = torch.zeros(0, dtype=torch.long)
         self._strengths = torch.zeros(0)
         self._scales: Dict[tuple, torch.Tensor] = {}
@@ -105,9 +113,9 @@ class SampleStrengths:
             delta = F.conv2d(low * scale.view(*scale.shape, 1, 1), stack.up)
         return output + delta.to(output.dtype)
 
-    def _stack(self, layer, present: List[Tuple[int, str]]) -> _Stack:
-        downs, ups, columns = [], [], []
-        conv = None
+    def _peft_parts(self, layer, present: List[Tuple[int, str]]) -> Tuple[list, Optional[tuple]]:
+        """(index, down, up, alpha / rank) of each peft adapter on ``layer``, and its conv geometry."""
+        parts, conv = [], None
         for index, name in present:
             if name in getattr(layer, "lora_variant", {}):
                 raise LoraLabError("per-sample strengths apply to plain LoRA layers only")
@@ -117,26 +125,47 @@ class SampleStrengths:
             if isinstance(down, torch.nn.Conv2d):
                 conv = (down.stride, down.padding, down.dilation, down.groups)
             layer.set_scale(name, 1.0)  # scaling = alpha / rank: the strength is the sample's own
-            downs.append(down.weight)
-            ups.append(up.weight)
-            columns.append((index, down.weight.shape[0], float(layer.scaling[name])))
+            parts.append((index, down.weight, up.weight, float(layer.scaling[name])))
+        return parts, conv
+
+    @staticmethod
+    def _stack(parts: list, conv: Optional[tuple]) -> _Stack:
+        downs = [down for _, down, _, _ in parts]
+        ups = [up for _, _, up, _ in parts]
+        columns = tuple((index, down.shape[0], scale) for index, down, _, scale in parts)
         # One file: its own weights, no copy (a full-rank file is as big as the layers it touches).
         down = downs[0] if len(downs) == 1 else torch.cat(downs, dim=0)
         up = ups[0] if len(ups) == 1 else torch.cat(ups, dim=1)
-        return _Stack(down, up, tuple(columns), conv)
+        return _Stack(down, up, columns, conv)
 
     def __enter__(self) -> "SampleStrengths":
         from peft.tuners.lora import LoraLayer
+        from peft.tuners.tuners_utils import BaseTunerLayer
 
         try:
+            if self.files is not None:
+                per_layer: Dict[torch.nn.Module, list] = {}
+                for index, placed in enumerate(self.files):
+                    for layer, (down, up, scale) in placed.items():
+                        per_layer.setdefault(layer, []).append((index, down, up, scale))
+                for layer, parts in per_layer.items():
+                    base = layer.get_base_layer() if hasattr(layer, "get_base_layer") else layer
+                    conv = (base.stride, base.padding, 1, 1) if isinstance(base, torch.nn.Conv2d) else None
+                    self._stacks[layer] = self._stack(parts, conv)
+                    self._handles.append(layer.register_forward_hook(self._hook))
             for module in self.modules:
                 for layer in module.modules():
+                    if self.files is not None:  # no peft adapter renders, a training one included
+                        if isinstance(layer, BaseTunerLayer) and not layer.disable_adapters:
+                            layer.enable_adapters(False)
+                            self._bypassed.append(layer)
+                        continue
                     if not isinstance(layer, LoraLayer):
                         continue
                     present = [(i, a) for i, a in enumerate(self.adapters) if a in layer.lora_A]
                     if not present:
                         continue
-                    self._stacks[layer] = self._stack(layer, present)
+                    self._stacks[layer] = self._stack(*self._peft_parts(layer, present))
                     if not layer.disable_adapters:
                         layer.enable_adapters(False)  # peft's forward runs the base weights only
                         self._bypassed.append(layer)
