@@ -169,6 +169,7 @@ def test_the_command_rewrites_verdicts_report_and_keeps_the_old(study, tmp_path,
     assert set(board.trial) == {0, 1} and board.objective.notna().all()
     record = json.loads((study / "calibration.json").read_text())
     assert record["after"]["value"] == 1.0 and record["judge"]["underfit_gain"] == 0.3
+    assert "still running" not in out
     nxt = json.loads((study / "labels_next.json").read_text())["cells"]
     page = (tmp_path / "reports" / "cal" / f"trial_{nxt[0]['trial']}" / "index.html").read_text()
     key = f"{nxt[0]['trial']}/{nxt[0]['epoch']}/{nxt[0]['strength']:g}"
@@ -256,3 +257,12 @@ def test_bench_calibrate_measures_labelling_against_an_eye(study):
     assert fig["steps"][10]["defaults"] == fig["steps"][10]["unlabelled"]  # on the cells left, the defaults agree
     table = pooled({"cal": fig})
     assert table[20]["calibrated"]["value"] == 1.0 and table[20]["gap_to_best_points"] == 0.0
+
+
+def test_a_study_still_running_is_said_so(study, tmp_path, capsys):
+    (study / "trial_2").mkdir()
+    (study / "trial_2" / "trial.json").write_text(json.dumps({"number": 2, "state": "running", "params": {}}))
+    assert main([str(study), str(_labels(tmp_path / "labels.json", TRIAL0)), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "note: trial 2 of this study is still running" in out and "eval.judge=FILE" in out
+    assert not (study / "judge.yaml").exists()  # --dry-run writes nothing

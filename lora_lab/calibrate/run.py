@@ -154,6 +154,11 @@ def main(argv: Optional[list] = None) -> int:
         for row in judge(t.agg, t.ceiling, r["judge"]).itertuples():
             reasons[(t.number, int(row.epoch), float(row.strength))] = "; ".join(row.reasons)
     print(text(r, reasons))
+    running = still_running(study.dir)
+    if running:
+        print(f"note: trial {', '.join(map(str, running))} of this study is still running; trials that finish from "
+              "now on are judged with the sweep's own thresholds: rerun calibrate when the sweep ends, or give "
+              "the sweep eval.judge=FILE when you start it again")
     if args.dry_run:
         return 0
     header = [f"lora_lab judge, chosen by python -m lora_lab.calibrate on study {study.name} with {len(r['y'])} labels "
@@ -178,6 +183,18 @@ def main(argv: Optional[list] = None) -> int:
     print("note: the Optuna database keeps the values the trials ran with; the leaderboard and the report read "
           "the new verdicts")
     return 0
+
+
+def still_running(study_dir: Path) -> List[int]:
+    """The trials whose trial.json says running (a sweep still at work on the study)."""
+    from lora_lab.files import read_json
+
+    found = []
+    for path in sorted(Path(study_dir).glob("trial_*/trial.json")):
+        info = read_json(path) or {}
+        if info.get("state") == "running":
+            found.append(int(info.get("number", path.parent.name.split("_")[1])))
+    return sorted(found)
 
 
 def read_judge(path: Path) -> JudgeConfig:
