@@ -146,12 +146,17 @@ def test_a_study_whose_every_trial_failed_exits_non_zero_with_one_sentence(tmp_p
     assert info["state"] == "failed" and info["versions"]["peft"] == version("peft")
 
 
-def test_pruning_stops_hopeless_trials(tmp_path, cache_dir, demo_dir, monkeypatch):
+def test_pruning_stops_hopeless_trials(tmp_path, cache_dir, demo_dir, monkeypatch, caplog):
+    import logging
+
     values = iter([5.0, 5.0, 1.0, 1.0, 1.0])  # trial 0: epochs 1-2 and final; trial 1 per epoch
     monkeypatch.setattr(trial_mod, "objective_value", lambda *a: next(values))
     cfg = _cfg(tmp_path, cache_dir, "sweep.pruner=median", "sweep.pruner_startup_trials=1",
                "sweep.pruner_warmup_epochs=0", "sweep.fixed={train.epochs:3,train.resolution:32,data.repeats:1}")
+    caplog.set_level(logging.INFO, logger="lora_lab")
     table = sweep.run(cfg).sort_values("trial")
+    # the last lines say where to go when a verdict looks wrong to the user
+    assert f"then: python -m lora_lab.calibrate {tmp_path / 'smoke'} labels.json" in caplog.text
     assert list(table.state) == ["complete", "pruned"]
     assert table.iloc[1].reason.startswith("pruned after epoch 1: its per-epoch check (")
     assert "scored combined 1, below the median of earlier trials at that epoch" in table.iloc[1].reason

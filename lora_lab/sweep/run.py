@@ -317,6 +317,8 @@ def run(config: Config) -> "leaderboard.pd.DataFrame":
     log.info(f"leaderboard: {study_dir / 'leaderboard.csv'}")
     log.info(f"report: {index}")
     log.info(f"TensorBoard: tensorboard --logdir {study_dir}")
+    log.info(f"disagree with a verdict? label cells in the report (u / g / o), Download labels, then: "
+             f"python -m lora_lab.calibrate {study_dir} labels.json")
     _raise_if_all_failed(table)
     return table
 
