@@ -134,6 +134,15 @@ def test_next_cells_are_the_least_certain_and_spread_over_trials(study):
     assert ranked[-1]["entropy"] <= min(c["entropy"] for c in picked)
 
 
+def test_plateau_scores_a_setting_by_its_neighbours_and_an_end_by_its_one_side():
+    from lora_lab.calibrate.search import _plateau
+
+    got = _plateau(np.array([0.0, 1.0, 1.0, 1.0, 1.0]), (5,))
+    np.testing.assert_allclose(got, [0.5, 2 / 3, 1.0, 1.0, 1.0])  # the end ties the middle, never beats it
+    grid = np.array([[1.0, 1.0, 0.0], [1.0, 1.0, 0.0]])
+    np.testing.assert_allclose(_plateau(grid.ravel(), grid.shape), [1.0, 2 / 3, 0.5, 1.0, 2 / 3, 0.5])
+
+
 def test_labels_for_interval_is_the_first_count_inside_ten_points():
     more = labels_for_interval(0.8, 20)
     low, high = wilson(round(0.8 * (20 + more)), 20 + more)

@@ -4,8 +4,8 @@ with the labels, its cross-validated agreement, and the cells worth labelling ne
 
 Balanced agreement is the mean over the labelled classes of the share of that class's labels
 the judge matches, so ten "good" labels cannot outvote two "overfit" ones. Among settings that
-agree equally, the one whose grid neighbours agree best wins (the middle of a plateau, not its
-edge), then the one nearest the starting judge.
+agree equally, the one whose grid neighbours agree best wins (inside a plateau of equal
+agreement rather than next to a drop), then the one nearest the starting judge.
 """
 
 from __future__ import annotations
@@ -101,13 +101,17 @@ def balanced(codes: np.ndarray, y: np.ndarray) -> np.ndarray:
 
 
 def _plateau(acc: np.ndarray, shape: tuple) -> np.ndarray:
-    """Each setting's mean agreement over itself and its grid neighbours (one step along any axes)."""
-    a = acc.reshape(shape)
-    padded = np.pad(a, 1, mode="edge")
-    total = np.zeros_like(a)
+    """Each setting's mean agreement over itself and its grid neighbours (one step along any
+    axes); past the grid's ends there is no neighbour, so an end is scored by the settings on
+    its one side only."""
+    a = acc.reshape(shape).astype(float)
+    padded = np.pad(a, 1, mode="constant", constant_values=np.nan)
+    total, count = np.zeros_like(a), np.zeros_like(a)
     for shift in product((0, 1, 2), repeat=a.ndim):
-        total += padded[tuple(slice(s, s + n) for s, n in zip(shift, a.shape))]
-    return (total / 3 ** a.ndim).ravel()
+        part = padded[tuple(slice(s, s + n) for s, n in zip(shift, a.shape))]
+        total += np.nan_to_num(part)
+        count += ~np.isnan(part)
+    return (total / count).ravel()
 
 
 def _distance(v: Verdicts) -> np.ndarray:
