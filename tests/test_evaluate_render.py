@@ -398,7 +398,7 @@ def test_render_of_mixed_epochs_equals_each_image_alone_even_beside_a_training_a
         finally:
             lora_io.unload(pipe.unet, pipe.text_encoder)
     cfg = TrainConfig(network_dim=4, network_alpha=4.0, text_encoder_lr=1e-4)
-    params = lora_io.attach(pipe.unet, pipe.text_encoder, cfg)  # a training run's adapter, mid-training
+    params = [p for group in lora_io.attach(pipe.unet, pipe.text_encoder, cfg) for p in group]  # mid-training
     try:
         with torch.no_grad():
             for p in params:

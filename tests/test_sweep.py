@@ -34,7 +34,7 @@ def test_every_sweep_file_composes_with_real_config_paths(name, tmp_path):
     cfg = compose([f"+sweep={name}"])
     sweep.check_keys(cfg)
     assert cfg.sweep.name == name
-    expected = {"scheduler": 3, "optimizer": 5, "rank_alpha": 3, "repeats": 3, "smoke": 2, "truth": 4}
+    expected = {"scheduler": 3, "optimizer": 5, "rank_alpha": 3, "repeats": 3, "smoke": 2, "truth": 4, "network": 5}
     if cfg.sweep.sampler == "grid":
         assert cfg.sweep.grid_size() == expected[name]
     # Every trial's config is valid (the grid's combinations build and validate).
@@ -82,7 +82,7 @@ def test_a_table_on_the_command_line_replaces_the_sweep_files_table():
 
 
 def test_no_sweep_chosen_lists_the_choices():
-    with pytest.raises(ConfigError, match="choose a sweep with \\+sweep=NAME \\(available: lr, optimizer"):
+    with pytest.raises(ConfigError, match="choose a sweep with \\+sweep=NAME \\(available: lr, network, optimizer"):
         sweep.run(compose())
 
 

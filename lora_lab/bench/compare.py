@@ -275,6 +275,11 @@ def main(argv=None) -> int:
 
         bench_calibrate.run(argv[1:])
         return 0
+    if argv[:1] == ["network"]:
+        from lora_lab.bench import network as bench_network
+
+        bench_network.run(argv[1:])
+        return 0
     if argv[:1] == ["doctor"]:
         from lora_lab.bench import doctor as bench_doctor
 

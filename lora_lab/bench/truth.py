@@ -68,28 +68,30 @@ def subject_sources(given: List[str]) -> Dict[str, str]:
     return out
 
 
-def run_studies(args, sources: Dict[str, str]) -> float:
-    """One sweep per subject (resumed if it exists); returns the seconds spent."""
+def run_studies(args, sources: Dict[str, str], sweep: str = "truth") -> float:
+    """One ``+sweep=<sweep>`` study per subject, ``<sweep>_<subject>`` (resumed if it exists);
+    returns the seconds spent."""
     started = time.perf_counter()
     for name, source in sources.items():
-        cmd = [sys.executable, "-m", "lora_lab.sweep", "+sweep=truth", "model=toyworld", "data=toyworld",
-               f"data.subject={source}", f"sweep.name=truth_{name}", f"sweep.root={args.root}",
+        cmd = [sys.executable, "-m", "lora_lab.sweep", f"+sweep={sweep}", "model=toyworld", "data=toyworld",
+               f"data.subject={source}", f"sweep.name={sweep}_{name}", f"sweep.root={args.root}",
                f"sweep.reports={args.root / 'reports'}", f"cache_dir={args.cache_dir}", *args.overrides]
         print(f"subject {name}: " + " ".join(cmd[2:]), flush=True)
         rc = subprocess.run(cmd, env={**os.environ, "HF_HUB_OFFLINE": "1"}).returncode
         if rc != 0:
-            raise SystemExit(f"error: the truth sweep of subject {name} stopped (exit {rc}); its reason is above")
+            raise SystemExit(f"error: the {sweep} sweep of subject {name} stopped (exit {rc}); its reason is above")
     return time.perf_counter() - started
 
 
-def collect(root: Path, name: str, cache_dir: Path, readout, source: Optional[str] = None) -> List[dict]:
-    """Every finished trial of one subject's study, with the read-out's truth."""
+def collect(root: Path, name: str, cache_dir: Path, readout, source: Optional[str] = None,
+            study: Optional[Path] = None) -> List[dict]:
+    """Every finished trial of one subject's study (default ``root/truth_<name>``), with the read-out's truth."""
     subject = subjects.load(source or name)
     folder = subjects.data_folder(cache_dir, source or name)
     refs = sorted((folder / subject.folder_name).glob("*.png"))
     top = gt.ceiling(readout, refs, subject)
     trials = []
-    study = root / f"truth_{name}"
+    study = study or root / f"truth_{name}"
     for tdir in sorted(study.glob("trial_*"), key=lambda p: int(p.name.split("_")[1])):
         if not (tdir / "verdict.json").exists():
             continue
@@ -101,7 +103,7 @@ def collect(root: Path, name: str, cache_dir: Path, readout, source: Optional[st
         trials.append({"subject": name, "trial": tdir.name, "dir": tdir, "params": info.get("params", {}),
                        "duration_s": float(info.get("duration_s") or 0.0),
                        "number": int(info["number"]), "scores": scores, "agg": agg,
-                       "ceiling": doc["ceiling"], "truth": gt.truth_cells(read, top, TRUTH_RULES),
+                       "ceiling": doc["ceiling"], "true_ceiling": top, "truth": gt.truth_cells(read, top, TRUTH_RULES),
                        "validation_loss": {int(k): v for k, v in (info.get("validation_loss") or {}).items()},
                        "kind": "object"})
     return trials

@@ -21,6 +21,9 @@ OPTIMIZERS = ("adamw", "adamw8bit", "adafactor", "prodigy", "dadaptation", "lion
 # learning_rate ~ 1.0 and a constant schedule.
 ADAPTIVE_OPTIMIZERS = ("prodigy", "dadaptation")
 MIXED_PRECISION = ("no", "fp16", "bf16")
+# lora and locon through peft (kohya's networks.lora files); loha, lokr and dora through
+# LyCORIS (its lycoris.kohya files). locon = lora with the ResNet convolutions too.
+NETWORK_TYPES = ("lora", "locon", "loha", "lokr", "dora")
 
 @dataclass
 class TrainConfig:
@@ -33,15 +36,20 @@ class TrainConfig:
     ``text_encoder_lr``, 0 = not trained.
     ``lr_warmup_steps`` below 1 is a ratio of the total step count.
     ``conv_dim`` > 0 adds LoRA to ResNet and resampling convolutions (kohya's LoCon).
+    ``network_type``: lora, locon (lora with ``conv_dim`` = ``network_dim`` when conv_dim is 0),
+    loha, lokr or dora, with LyCORIS' meanings; ``factor`` is LoKr's Kronecker split (-1: the
+    most balanced one, else a divisor of every trained layer's sizes).
     ``cache_latents`` / ``cache_text_embeddings`` (kohya: cache_latents,
     cache_text_encoder_outputs) encode each image and caption once, on disk, by content; off,
     the VAE and text encoder run every step (what a plain diffusers script does).
     """
 
+    network_type: str = "lora"
     network_dim: int = 8
     network_alpha: float = 1.0
     conv_dim: int = 0
     conv_alpha: float = 1.0
+    factor: int = -1
     learning_rate: float = 1e-4
     unet_lr: Optional[float] = None
     text_encoder_lr: Optional[float] = None
@@ -77,7 +85,20 @@ class TrainConfig:
                 f"train.{key}",
                 f"must be a whole number >= 1, got {value!r}",
             )
+        choice(self.network_type, "train.network_type", NETWORK_TYPES)
         positive(self.network_alpha, "train.network_alpha")
+        require(
+            isinstance(self.factor, int) and not isinstance(self.factor, bool) and (self.factor == -1 or self.factor >= 2),
+            "train.factor",
+            f"must be -1 (LyCORIS' balanced split) or a whole number >= 2, got {self.factor!r}",
+        )
+        require(
+            self.factor == -1 or self.network_type == "lokr",
+            "train.factor",
+            f"is LoKr's setting; train.network_type={self.network_type} has no factor (leave it at -1)",
+        )
+        if self.network_type == "locon" and not self.conv_dim:
+            self.conv_dim, self.conv_alpha = self.network_dim, self.network_alpha
         require(
             isinstance(self.conv_dim, int) and self.conv_dim >= 0,
             "train.conv_dim",

@@ -62,6 +62,22 @@ def label_of(path: Path, meta: dict) -> str:
     return meta.get("lora_lab_label") or path.stem
 
 
+# A full-rank file (LoHa, LoKr, DoRA read back as their exact change) is the size of the layers
+# it touches; side by side they are held at once, up to this many bytes.
+FULL_RANK_STACK_BYTES = 2 << 30
+
+
+def _within_stack_budget(group: list) -> list:
+    """The first files of ``group`` whose full-rank tensors fit the stacking budget (at least one)."""
+    total = 0
+    for i, (_, _, tensors, meta) in enumerate(group):
+        if meta.get("lora_lab_format") in lora_formats.FULL_RANK:
+            total += sum(t.numel() * t.element_size() for t in tensors.values())
+            if total > FULL_RANK_STACK_BYTES and i:
+                return group[:i]
+    return group
+
+
 def _plan_key(settings: RenderSettings, unet) -> tuple:
     return ("batch", settings.size, unet.device.type)
 
@@ -220,9 +236,7 @@ def render(pipe, lora_files: Sequence[Tuple[int, Path, Dict[str, torch.Tensor], 
             # As many epochs side by side as one batch holds (one until the batch size is known).
             batch = plan.get(_plan_key(settings, unet))
             group = lora_files[done : done + (max(1, batch // max(per_file, 1)) if batch else 1)]
-            full = [i for i, f in enumerate(group) if f[3].get("lora_lab_format") in lora_formats.FULL_RANK]
-            if full:  # a full-rank file (LoHa, LoKr) is the size of the layers it touches: one at a time
-                group = group[: max(1, full[0])]
+            group = _within_stack_budget(group)
             adapters = [lora_io.eval_adapter(j) for j in range(len(group))]
             jobs, labels, placed = [], {}, []
             try:

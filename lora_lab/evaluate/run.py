@@ -101,6 +101,18 @@ def _read_any(path: Path) -> Tuple[Dict[str, torch.Tensor], Dict[str, str]]:
     return tensors, {**meta, "lora_lab_format": fmt}
 
 
+def read_files(lora_dir: Path, unet, text_encoders, epochs: Optional[List[int]] = None) -> list:
+    """(epoch, path, kohya tensors, metadata) of every LoRA file in ``lora_dir`` (only ``epochs``
+    when given), each in the form rendering takes: other formats converted, DoRA against this
+    model's base weights."""
+    files = list_lora_files(lora_dir)
+    if epochs is not None:
+        files = [f for f in files if f[0] in epochs]
+    return [(e, path, lora_formats.dora_to_kohya(
+                t, lambda name: kohya_io.base_weight(unet, text_encoders, name), str(path)), m)
+            if m.get("lora_lab_format") == lora_formats.DORA else (e, path, t, m) for e, path, t, m in files]
+
+
 def default_out_dir(lora_dir: Path) -> Path:
     """Our runs keep LoRA files in ``<run>/lora``: results go to ``<run>``; elsewhere beside them."""
     lora_dir = Path(lora_dir)
@@ -122,12 +134,7 @@ def evaluate(config: Config, base: BaseModel, dataset: Dataset, lora_dir: Path, 
     """
     e = config.eval
     suite = suite or load_suite(e.suite, dataset.token or "", dataset.suite).limited(e.max_prompts)
-    files = list_lora_files(lora_dir)
-    if epochs is not None:
-        files = [f for f in files if f[0] in epochs]
-    files = [(e, path, lora_formats.dora_to_kohya(
-                 t, lambda name: kohya_io.base_weight(base.unet, base.text_encoders, name), str(path)), m)
-             if m.get("lora_lab_format") == lora_formats.DORA else (e, path, t, m) for e, path, t, m in files]
+    files = read_files(lora_dir, base.unet, base.text_encoders, epochs)
     strengths = [float(s) for s in e.strengths]
     if 0.0 not in strengths:
         strengths.append(0.0)  # the base model is always the baseline

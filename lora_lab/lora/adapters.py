@@ -101,29 +101,63 @@ def inject(module: torch.nn.Module, config, adapter: str) -> None:
     activate(module, adapter)
 
 
-def attach(unet, text_encoder, cfg: TrainConfig) -> List[torch.nn.Parameter]:
-    """Add fresh LoRA adapters (fp32) and return the trainable parameters: the UNet's, and each
-    text encoder's whose learning rate is set (SDXL's second: ``text_encoder_2_lr``)."""
+def check_network(unet, text_encoder, cfg: TrainConfig) -> None:
+    """Refuse, before any work, a network setting the model's layers cannot take (one sentence
+    naming the setting and what is allowed): a LoKr factor that does not divide a trained layer."""
+    from lora_lab.lora import lycoris_net
+
+    if cfg.network_type != "lokr":
+        return
+    lycoris_net.check_factor(unet, sorted(unet_lora_config(unet, cfg).target_modules), cfg.factor, "UNet")
+    for index, (_, _, encoder) in enumerate(text_parts(text_encoder)):
+        if cfg.text_encoder_lr_of(index):
+            lycoris_net.check_factor(encoder, _targets(encoder, _TEXT, ("encoder.layers",)), cfg.factor,
+                                     "text encoder")
+
+
+def attach(unet, text_encoder, cfg: TrainConfig) -> List[List[torch.nn.Parameter]]:
+    """Add a fresh network of ``cfg.network_type`` (fp32) and return its trainable parameters per
+    module: the UNet's, then each text encoder's whose learning rate is set (SDXL's second:
+    ``text_encoder_2_lr``), an empty list for a frozen one. lora / locon: peft adapters on the
+    layers; loha / lokr / dora: LyCORIS networks on the same layers (:mod:`lora_lab.lora.lycoris_net`)."""
+    from lora_lab.lora import lycoris_net
+
+    out: List[List[torch.nn.Parameter]] = []
+    check_network(unet, text_encoder, cfg)
+    if cfg.network_type in lycoris_net.LYCORIS_TYPES:
+        unet_targets = unet_lora_config(unet, cfg).target_modules
+        out.append(lycoris_net.attach(unet, sorted(unet_targets), cfg, conv=bool(cfg.conv_dim), prefix="lora_unet"))
+        for index, (prefix, _, encoder) in enumerate(text_parts(text_encoder)):
+            if not cfg.text_encoder_lr_of(index):
+                out.append([])
+                continue
+            names = _targets(encoder, _TEXT, ("encoder.layers",))
+            out.append(lycoris_net.attach(encoder, names, cfg, conv=False, prefix=prefix.rstrip("_")))
+        return out
     inject(unet, unet_lora_config(unet, cfg), ADAPTER)
     modules = [unet]
     for index, (_, _, encoder) in enumerate(text_parts(text_encoder)):
         if cfg.text_encoder_lr_of(index):
             inject(encoder, text_lora_config(encoder, cfg), ADAPTER)
-            modules.append(encoder)
-    params = []
+        modules.append(encoder if cfg.text_encoder_lr_of(index) else None)
     for module in modules:
-        for name, p in module.named_parameters():
+        params = []
+        for name, p in (module.named_parameters() if module is not None else ()):
             if f".{ADAPTER}." in name and "lora_" in name:
                 p.data = p.data.float()
                 p.requires_grad_(True)
                 params.append(p)
-    return params
+        out.append(params)
+    return out
 
 
 def detach(unet, text_encoder) -> None:
-    """Remove every adapter and unwrap the peft layers: the modules are the base model's again."""
+    """Remove every adapter (peft's and LyCORIS'): the modules are the base model's again."""
+    from lora_lab.lora import lycoris_net
+
     for module in modules_of(unet, text_encoder):
         remove_one(module)
+        lycoris_net.detach(module)
 
 
 def lora_layers(module: torch.nn.Module, adapter: str = ADAPTER):
@@ -151,13 +185,16 @@ def activate(module: torch.nn.Module, adapter: str) -> None:
 
 @contextmanager
 def adapters_disabled(*modules: torch.nn.Module):
-    """Run the base model: every LoRA layer bypassed, then restored."""
+    """Run the base model: every LoRA layer bypassed (and LyCORIS' training networks), then restored."""
+    from lora_lab.lora import lycoris_net
+
     flat = [x for m in modules for x in (m if isinstance(m, (list, tuple)) else (m,)) if x is not None]
     layers = [layer for m in flat for layer in tuner_layers(m)]
     for layer in layers:
         layer.enable_adapters(False)
     try:
-        yield
+        with lycoris_net.paused(flat):
+            yield
     finally:
         for layer in layers:
             layer.enable_adapters(True)

@@ -125,11 +125,34 @@ def inspect(path: Path, base=None) -> dict:
                 t["ignores"] += moved
     training = {k: meta[k] for k in SS_FIELDS if k in meta}
     training.update({k: v for k, v in meta.items() if k.startswith("modelspec.") and k != "modelspec.thumbnail"})
-    return {"file": str(path), "format": fmt, "modules": len(modules), "tensors": len(tensors),
+    return {"file": str(path), "format": fmt, "network": network_of(fmt, modules, meta),
+            "modules": len(modules), "tensors": len(tensors),
             "base_model_version": version,
             "blocks": {name: {"modules": b["modules"], "rank": sorted(b["ranks"]), "alpha": sorted(b["alphas"])}
                        for name, b in sorted(blocks.items())},
             "training": training, "tools": tools, "unmatched": unmatched, "warnings": warnings}
+
+
+def network_of(fmt: str, modules: Dict[str, Dict[str, torch.Tensor]], meta: Dict[str, str]) -> dict:
+    """The network type, read from the keys (lora, locon, loha, lokr, dora), what trained it and
+    its settings: ``ss_network_args`` as written, else what the tensors show (conv layers, LoKr's
+    Kronecker split)."""
+    from lora_lab.lora.lycoris_net import describe
+
+    conv = any(v.dim() == 4 and v.shape[-1] > 1 for f in modules.values() for k, v in f.items()
+               if k in ("lora_down.weight", "hada_w1_b", "lokr_w2", "lora_A.weight"))
+    kind = {"loha": "loha", "lokr": "lokr", "dora": "dora"}.get(fmt, "locon" if conv else "lora")
+    _, args = describe(meta)
+    settings = {k: str(v) for k, v in args.items()}
+    for key in ("ss_network_dim", "ss_network_alpha"):
+        if key in meta:
+            settings.setdefault(key[len("ss_network_"):], meta[key])
+    if kind == "lokr" and "factor" not in settings:
+        splits = sorted({tuple(f["lokr_w1"].shape) if "lokr_w1" in f else (f["lokr_w1_a"].shape[0], f["lokr_w1_b"].shape[1])
+                         for f in modules.values() if "lokr_w1" in f or "lokr_w1_a" in f})
+        settings["w1 shapes"] = ", ".join(f"{a}x{b}" for a, b in splits[:4])
+    trainer = meta.get("ss_network_module") or "unknown (no ss_network_module)"
+    return {"type": kind, "trained_with": trainer, "settings": settings}
 
 
 def _rank(fields: Dict[str, torch.Tensor]) -> Optional[int]:
@@ -148,7 +171,10 @@ def _same_family(a: str, b: str) -> bool:
 
 def render(info: dict) -> str:
     """The printed form."""
+    net = info["network"]
+    settings = "; " + ", ".join(f"{k} {v}" for k, v in net["settings"].items()) if net["settings"] else ""
     lines = [f"{info['file']}", f"format: {info['format']}, {info['modules']} modules, {info['tensors']} tensors",
+             f"network: {net['type']}, trained with {net['trained_with']}{settings}",
              f"made for: {info['base_model_version'] or 'unknown (no metadata, no cross-attention layer)'}", "blocks:"]
     for name, b in info["blocks"].items():
         ranks = ", ".join(map(str, b["rank"])) or "-"

@@ -31,10 +31,14 @@ from lora_lab.models import sdxl
 
 
 def kohya_state_dict(unet, text_encoder=None) -> Dict[str, torch.Tensor]:
-    """The attached adapters as kohya tensors (fp32, CPU); ``text_encoder`` None: UNet only."""
+    """The attached adapters as kohya tensors (fp32, CPU); ``text_encoder`` None: UNet only.
+    A LyCORIS network (LoHa, LoKr, DoRA) is written in LyCORIS' layout on the same names."""
+    from lora_lab.lora import lycoris_net
+
     out: Dict[str, torch.Tensor] = {}
     parts = [("lora_unet_", unet)] + [(prefix, m) for prefix, _, m in adapters.text_parts(text_encoder)]
     for prefix, module in parts:
+        out.update(lycoris_net.state_dict(module, lambda path: prefix + _kohya_module_name(prefix, path, unet)))
         for name, layer in adapters.lora_layers(module):
             key = prefix + _kohya_module_name(prefix, name, unet)
             out[f"{key}.lora_down.weight"] = layer.lora_A[adapters.ADAPTER].weight.detach().float().cpu().clone()

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from lora_lab.errors import LoraLabError
+from lora_lab.lora import lycoris_net
 from lora_lab.lora.adapters import EVAL_ADAPTER, modules_of
 
 
@@ -23,6 +24,18 @@ class _Stack:
     up: torch.Tensor  # (out, R) or (out, R, 1, 1)
     columns: tuple  # ((file index, rank, alpha / rank), ...): the key of the per-sample scales
     conv: Optional[Tuple] = None  # (stride, padding, dilation, groups) of a conv layer's down weight
+    # Every file full rank with an identity up weight (LoHa, LoKr, DoRA read back as their exact
+    # weight change): the files' outputs are summed instead of multiplied by a stacked identity.
+    blocks: int = 0
+
+
+def _is_identity(up: torch.Tensor, down: torch.Tensor) -> bool:
+    """Whether ``up`` is the identity of a full-rank file (:func:`lora_lab.lora.formats.full_rank`)."""
+    n = up.shape[0]
+    if up.shape[1] != n or down.shape[0] != n or up.numel() != n * n:
+        return False
+    flat = up.reshape(n, n)
+    return bool(torch.count_nonzero(flat) == n and torch.all(flat.diagonal() == 1))
 
 
 class SampleStrengths:
@@ -66,6 +79,7 @@ class SampleStrengths:
         self._stacks: Dict[torch.nn.Module, _Stack] = {}
         self._handles: list = []
         self._bypassed: List[torch.nn.Module] = []
+        self._paused = None  # LyCORIS training networks unwrapped while the files render
 
     def set(self, strengths, adapters=None) -> None:
         """Strength (and adapter name; default: the first adapter) of each sample in order."""
@@ -107,10 +121,13 @@ class SampleStrengths:
         if stack.conv is None:
             low = F.linear(x, stack.down)
             low = low * scale.view(scale.shape[0], *([1] * (low.dim() - 2)), scale.shape[1])
-            delta = F.linear(low, stack.up)
+            if stack.blocks:
+                delta = low.unflatten(-1, (stack.blocks, -1)).sum(-2)
+            else:
+                delta = F.linear(low, stack.up)
         else:
-            low = F.conv2d(x, stack.down, None, *stack.conv)
-            delta = F.conv2d(low * scale.view(*scale.shape, 1, 1), stack.up)
+            low = F.conv2d(x, stack.down, None, *stack.conv) * scale.view(*scale.shape, 1, 1)
+            delta = low.unflatten(1, (stack.blocks, -1)).sum(1) if stack.blocks else F.conv2d(low, stack.up)
         return output + delta.to(output.dtype)
 
     def _peft_parts(self, layer, present: List[Tuple[int, str]]) -> Tuple[list, Optional[tuple]]:
@@ -135,8 +152,9 @@ class SampleStrengths:
         columns = tuple((index, down.shape[0], scale) for index, down, _, scale in parts)
         # One file: its own weights, no copy (a full-rank file is as big as the layers it touches).
         down = downs[0] if len(downs) == 1 else torch.cat(downs, dim=0)
-        up = ups[0] if len(ups) == 1 else torch.cat(ups, dim=1)
-        return _Stack(down, up, columns, conv)
+        identity = all(_is_identity(u, d) for d, u in zip(downs, ups))
+        up = ups[0] if len(ups) == 1 or identity else torch.cat(ups, dim=1)
+        return _Stack(down, up, columns, conv, blocks=len(parts) if identity else 0)
 
     def __enter__(self) -> "SampleStrengths":
         from peft.tuners.lora import LoraLayer
@@ -153,6 +171,8 @@ class SampleStrengths:
                     conv = (base.stride, base.padding, 1, 1) if isinstance(base, torch.nn.Conv2d) else None
                     self._stacks[layer] = self._stack(parts, conv)
                     self._handles.append(layer.register_forward_hook(self._hook))
+                self._paused = lycoris_net.paused(self.modules)
+                self._paused.__enter__()
             for module in self.modules:
                 for layer in module.modules():
                     if self.files is not None:  # no peft adapter renders, a training one included
@@ -180,6 +200,9 @@ class SampleStrengths:
             handle.remove()
         for layer in self._bypassed:
             layer.enable_adapters(True)
+        if self._paused is not None:
+            self._paused.__exit__(None, None, None)
+            self._paused = None
         self._handles.clear()
         self._bypassed.clear()
         self._stacks.clear()

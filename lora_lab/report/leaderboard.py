@@ -19,6 +19,7 @@ import pandas as pd
 from lora_lab.files import atomic_write_bytes, atomic_write_text, read_json
 
 FIRST = ["trial", "state", "objective", "verdict", "best_epoch", "best_strength", "likeness", "adherence"]
+NETWORK = ["network", "trainable_params"]  # the network's type and size (trial.json's "network")
 LAST = ["snippet", "lora_file", "reason", "duration_s"]
 VALIDATION = ["val_loss_min", "val_loss_epoch"]  # only when the trials held images out
 
@@ -45,6 +46,9 @@ def build(study_dir: Path) -> pd.DataFrame:
         if val:
             row["val_loss_epoch"] = min(val, key=val.get)
             row["val_loss_min"] = val[row["val_loss_epoch"]]
+        network = info.get("network") or {}
+        row["network"] = network.get("type")
+        row["trainable_params"] = network.get("trainable_params")
         row["reason"] = info.get("reason", "")
         row["duration_s"] = info.get("duration_s")
         rows.append(row)
@@ -54,8 +58,10 @@ def build(study_dir: Path) -> pd.DataFrame:
     for col in FIRST + LAST:
         if col not in df:
             df[col] = None
-    params = [c for c in df.columns if c not in FIRST + LAST + VALIDATION]
-    df = df[FIRST[:2] + params + FIRST[2:] + [c for c in VALIDATION if c in df] + LAST]
+    params = [c for c in df.columns if c not in FIRST + LAST + VALIDATION + NETWORK]
+    network = NETWORK if df["network"].notna().any() else []
+    df["trainable_params"] = df["trainable_params"].astype("Int64")
+    df = df[FIRST[:2] + params + network + FIRST[2:] + [c for c in VALIDATION if c in df] + LAST]
     direction = (read_json(study_dir / "study.json") or {}).get("direction", "maximize")
     done = df.state == "complete"
     order = df[done].sort_values("objective", ascending=direction == "minimize", na_position="last")

@@ -48,11 +48,15 @@ def _plt():
     return plt
 
 
-_INTEGER = ("best_epoch", "val_loss_epoch", "trial")  # whole numbers, even in a column with blanks
+_INTEGER = ("best_epoch", "val_loss_epoch", "trial", "trainable_params")  # whole numbers, even in a column with blanks
+
+
+def _missing(value) -> bool:
+    return value is None or value is pd.NA or (isinstance(value, float) and math.isnan(value))
 
 
 def _fmt(value, digits: int = 4, integer: bool = False) -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
+    if _missing(value):
         return ""
     if integer and isinstance(value, float) and value.is_integer():
         return str(int(value))
@@ -255,14 +259,14 @@ def build_report(study_dir: Path, reports_root: Path = Path("reports")) -> Path:
         labels = labelling(study_dir, study["name"])
         table = leaderboard.build(study_dir)
         warnings = [n for n in leaderboard.notes(study_dir) if leaderboard.shown(n)]
-        params = [c for c in table.columns if c not in leaderboard.FIRST + leaderboard.LAST]
-        columns = ["trial", "state"] + params + ["objective", "verdict", "best_epoch", "best_strength", "likeness",
+        params = [c for c in table.columns if c not in leaderboard.FIRST + leaderboard.LAST + leaderboard.NETWORK]
+        network = [c for c in leaderboard.NETWORK if c in table.columns]  # what the trial trained, not a swept key
+        columns = ["trial", "state"] + params + network + ["objective", "verdict", "best_epoch", "best_strength", "likeness",
                                                   "adherence", "snippet", "reason"]
         rows = []
         for r in table.to_dict(orient="records"):
             text = {c: _fmt(r.get(c), integer=c in _INTEGER) for c in columns}
-            sort = {c: ("" if r.get(c) is None or (isinstance(r.get(c), float) and math.isnan(r.get(c)))
-                        else r.get(c)) for c in columns}
+            sort = {c: ("" if _missing(r.get(c)) else r.get(c)) for c in columns}
             rows.append({"trial": r["trial"], "state": r["state"], "text": text, "sort": sort})
         winner_row = leaderboard.best(table)
         winner = None

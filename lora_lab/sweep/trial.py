@@ -60,6 +60,27 @@ def objective_value(verdict: dict, judged, objective: str) -> float:
     return float(value) if value is not None and not (isinstance(value, float) and math.isnan(value)) else 0.0
 
 
+def network_fields(t, result) -> Dict[str, Any]:
+    """What a network-type comparison needs of a trial: the type, its size in trainable
+    parameters and on disk, and how fast it trained (steps per second of the loop itself)."""
+    last = result.lora_files[max(result.lora_files)] if result.lora_files else None
+    return {"type": t.network_type, "trainable_params": result.trainable_params,
+            "file_bytes": last.stat().st_size if last is not None and last.exists() else None,
+            "steps_per_s": round(result.steps / result.train_s, 3) if result.train_s > 0 else None}
+
+
+def network_text(t, network: Dict[str, Any]) -> str:
+    """``lokr dim 8 alpha 8 factor 4: 12,345 trainable parameters, file 0.1 MB, 3.20 steps/s``."""
+    settings = f"{t.network_type} dim {t.network_dim} alpha {t.network_alpha:g}"
+    if t.conv_dim:
+        settings += f" conv {t.conv_dim}/{t.conv_alpha:g}"
+    if t.network_type == "lokr":
+        settings += f" factor {t.factor}"
+    size = f", file {network['file_bytes'] / 1e6:.2f} MB" if network.get("file_bytes") else ""
+    speed = f", {network['steps_per_s']:.2f} steps/s" if network.get("steps_per_s") else ""
+    return f"{settings}: {network['trainable_params']:,} trainable parameters{size}{speed}"
+
+
 class Worker:
     """Loads the base model, data, scorers and prompt suite once; runs trials one by one."""
 
@@ -143,12 +164,14 @@ class Worker:
             return False
 
         result = train(cfg, self.base, dataset, tdir, on_epoch=on_epoch, cache_dir=self.cache_dir)
+        network = network_fields(cfg.train, result)
+        log.info(f"  trial {trial.number}: {network_text(cfg.train, network)}")
         if result.stopped_early:
             bar = "median" if sweep.pruner == "median" else f"{sweep.pruner_percentile:g}th percentile"
             reason = (f"pruned after epoch {pruned_at['epoch']}: its per-epoch check ({len(cheap.eval.seeds)} seeds, "
                       f"strengths {', '.join(f'{x:g}' for x in cheap.eval.strengths)}) scored {sweep.objective} "
                       f"{pruned_at['value']:.4g}, below the {bar} of earlier trials at that epoch")
-            return PRUNED, None, {"reason": reason, "pruned_at_epoch": pruned_at["epoch"]}
+            return PRUNED, None, {"reason": reason, "pruned_at_epoch": pruned_at["epoch"], "network": network}
         ev = evaluate(cfg, self.base, dataset, tdir / "lora", tdir, scorer=self.scorer,
                       suite=self.suite.limited(cfg.eval.max_prompts), progress=False, tb_dir=tdir / "tb",
                       base_renders=self.base_renders, render_plan=self.render_plan)
@@ -168,7 +191,7 @@ class Worker:
                                           "best_epoch": best.get("epoch"), "best_strength": best.get("strength")})
         reason = "; ".join(ev.verdict["best"]["reasons"]) if ev.verdict["best"] else \
             "every LoRA cell is overfit: objective set to 0"
-        fields = {"reason": reason, "timing": timing}
+        fields = {"reason": reason, "timing": timing, "network": network}
         if result.validation_loss:
             fields["validation_loss"] = {str(k): round(v, 6) for k, v in result.validation_loss.items()}
         return COMPLETE, value, fields

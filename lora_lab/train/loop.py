@@ -57,6 +57,7 @@ class TrainResult:
     train_s: float = 0.0  # the loop itself, without the per-epoch callbacks
     callback_s: float = 0.0
     validation_loss: Dict[int, float] = field(default_factory=dict)  # epoch -> held-out loss
+    trainable_params: int = 0  # the network's trainable tensors' elements (UNet and text encoders)
 
 
 def _snr_weights(noise_scheduler, timesteps: torch.Tensor, gamma: float, prediction: str) -> torch.Tensor:
@@ -95,6 +96,7 @@ def train(config: Config, base: BaseModel, dataset: Dataset, output_dir: Path,
     cache_root = Path(cache_dir or config.cache_dir)
     resolution = config.resolution
     unet, vae, encoders = base.unet, base.vae, base.text_encoders
+    lora_io.check_network(unet, encoders, t)
     layers = min(e.config.num_hidden_layers for e in encoders)
     if t.clip_skip > layers - (1 if base.is_sdxl else 0):
         raise TrainingError(f"train.clip_skip={t.clip_skip} but the text encoder has only {layers} layers")
@@ -119,13 +121,12 @@ def train(config: Config, base: BaseModel, dataset: Dataset, output_dir: Path,
     torch.manual_seed(t.seed)
     random.seed(t.seed)
     lora_io.detach(unet, encoders)
-    lora_io.attach(unet, encoders, t)
+    trainable = lora_io.attach(unet, encoders, t)
     try:
-        unet_params = [p for p in unet.parameters() if p.requires_grad]
+        unet_params = trainable[0]
         groups = [{"params": unet_params, "lr": t.effective_unet_lr}]
         te_params = []
-        for index, encoder in enumerate(encoders):  # each text encoder at its own rate (SDXL: two)
-            params = [p for p in encoder.parameters() if p.requires_grad]
+        for index, params in enumerate(trainable[1:]):  # each text encoder at its own rate (SDXL: two)
             if params:
                 groups.append({"params": params, "lr": t.text_encoder_lr_of(index)})
                 te_params += params
@@ -138,9 +139,11 @@ def train(config: Config, base: BaseModel, dataset: Dataset, output_dir: Path,
             t.lr_scheduler, optimizer, num_warmup_steps=warmup, num_training_steps=max_steps,
             num_cycles=t.lr_scheduler_num_cycles, power=t.lr_scheduler_power,
         )
-        return _loop(config, base, dataset, output_dir, on_epoch, accelerator, optimizer, lr_scheduler,
-                     latent_params, text_cache, online_text, unet_params + te_params, per_epoch,
-                     max_steps, warmup, DiagonalGaussianDistribution, SummaryWriter, entered, validation, where)
+        result = _loop(config, base, dataset, output_dir, on_epoch, accelerator, optimizer, lr_scheduler,
+                       latent_params, text_cache, online_text, unet_params + te_params, per_epoch,
+                       max_steps, warmup, DiagonalGaussianDistribution, SummaryWriter, entered, validation, where)
+        result.trainable_params = sum(p.numel() for p in unet_params + te_params)
+        return result
     finally:
         if t.gradient_checkpointing:
             unet.disable_gradient_checkpointing()

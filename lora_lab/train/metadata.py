@@ -19,6 +19,7 @@ from lora_lab.data.dataset import Dataset, SubsetOptions
 from lora_lab.data.steps import bucket_table
 from lora_lab.files import file_sha256, legacy_file_hash
 from lora_lab.lora import kohya as kohya_io
+from lora_lab.lora.lycoris_net import LYCORIS_TYPES, network_args
 from lora_lab.models.base import BaseModel
 from lora_lab.train.optimizers import optimizer_class, optimizer_kwargs
 from lora_lab.versions import versions
@@ -35,7 +36,7 @@ def metadata(config: Config, base: BaseModel, dataset: Dataset, *, epoch: int, s
     buckets = _bucket_fields(config, dataset)
     out = kohya_io.kohya_metadata(
         ss_session_id=session_id,
-        ss_network_module="networks.lora",
+        ss_network_module="lycoris.kohya" if t.network_type in LYCORIS_TYPES else "networks.lora",
         ss_network_dim=t.network_dim,
         ss_network_alpha=t.network_alpha,
         ss_learning_rate=t.learning_rate,
@@ -97,7 +98,9 @@ def metadata(config: Config, base: BaseModel, dataset: Dataset, *, epoch: int, s
         # whose behaviour shapes the file, as JSON beside it.
         lora_lab_versions=versions(),
     )
-    if t.conv_dim:  # kohya's form: the --network_args strings as given, as JSON
+    if t.network_type in LYCORIS_TYPES:  # LyCORIS' kohya wrapper: algo and its settings, as strings
+        out["ss_network_args"] = json.dumps(network_args(t))
+    elif t.conv_dim:  # kohya's form: the --network_args strings as given, as JSON
         out["ss_network_args"] = json.dumps({"conv_dim": _arg(t.conv_dim), "conv_alpha": _arg(t.conv_alpha)})
     return out
 
