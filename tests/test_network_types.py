@@ -341,3 +341,19 @@ def test_a_sweep_over_network_types_puts_type_and_size_on_the_leaderboard(tmp_pa
                 f"{counts[row.network]:,} trainable parameters") in caplog.text
     page = (tmp_path / "reports" / "smoke" / "index.html").read_text(encoding="utf-8")
     assert "trainable_params" in page and str(counts["loha"]) in page
+
+
+def test_bench_network_means_per_type_over_subjects():
+    from lora_lab.bench.network import by_type, text
+
+    def row(subject, kind, fidelity, speed):
+        return {"subject": subject, "type": kind, "trainable_params": 100, "file_mb": 0.5, "steps_per_s": speed,
+                "fidelity": fidelity, "flexibility": 1.0, "fidelity_top": fidelity, "flexibility_top": 0.5,
+                "top_strength": 1.5, "diversity": 0.1, "true_good_cells": 6, "cells": 12, "pick_true_share": 0.9}
+
+    rows = [row("a", "lokr", 0.5, 2.0), row("b", "lokr", 1.0, 4.0), row("a", "lora", 0.25, 1.0)]
+    types = by_type(rows)
+    assert list(types) == ["lora", "lokr"]  # the types' own order, not the rows'
+    assert types["lokr"]["fidelity"] == 0.75 and types["lokr"]["steps_per_s"] == 3.0 and types["lokr"]["subjects"] == 2
+    out = text({"subjects": ["a", "b"], "types": types})
+    assert "lokr          100     0.50     3.00       75%         100%        75% / 50%" in out
