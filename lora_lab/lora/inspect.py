@@ -137,13 +137,12 @@ def network_of(fmt: str, modules: Dict[str, Dict[str, torch.Tensor]], meta: Dict
     """The network type, read from the keys (lora, locon, loha, lokr, dora), what trained it and
     its settings: ``ss_network_args`` as written, else what the tensors show (conv layers, LoKr's
     Kronecker split)."""
-    from lora_lab.lora.lycoris_net import describe
+    from lora_lab.lora.lycoris_net import recorded_args
 
     conv = any(v.dim() == 4 and v.shape[-1] > 1 for f in modules.values() for k, v in f.items()
                if k in ("lora_down.weight", "hada_w1_b", "lokr_w2", "lora_A.weight"))
     kind = {"loha": "loha", "lokr": "lokr", "dora": "dora"}.get(fmt, "locon" if conv else "lora")
-    _, args = describe(meta)
-    settings = {k: str(v) for k, v in args.items()}
+    settings = recorded_args(meta)
     for key in ("ss_network_dim", "ss_network_alpha"):
         if key in meta:
             settings.setdefault(key[len("ss_network_"):], meta[key])

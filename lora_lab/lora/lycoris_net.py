@@ -21,7 +21,7 @@ import json
 import logging
 import re
 from contextlib import contextmanager
-from typing import Dict, Iterator, List, Tuple
+from typing import Dict, Iterator, List
 
 import torch
 
@@ -153,17 +153,11 @@ def state_dict(module: torch.nn.Module, kohya_name) -> Dict[str, torch.Tensor]:
     return out
 
 
-def describe(meta: Dict[str, str]) -> Tuple[str, Dict[str, str]]:
-    """(network type, its settings) from a file's kohya / LyCORIS metadata."""
+def recorded_args(meta: Dict[str, str]) -> Dict[str, str]:
+    """A file's ``ss_network_args`` (kohya's and LyCORIS' JSON of strings); {} when absent or unreadable."""
     raw = meta.get("ss_network_args")
     try:
         args = json.loads(raw) if raw and raw != "None" else {}
     except ValueError:
-        args = {}
-    module = meta.get("ss_network_module", "")
-    if "lycoris" in module:
-        algo = str(args.get("algo", "lora")).lower()
-        kind = "dora" if str(args.get("dora_wd", "")).lower() == "true" and algo in ("lora", "locon") else algo
-    else:
-        kind = "locon" if args.get("conv_dim") else "lora"
-    return kind, args
+        return {}
+    return {str(k): str(v) for k, v in args.items()} if isinstance(args, dict) else {}
