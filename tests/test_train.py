@@ -196,6 +196,27 @@ def test_optional_optimizers_train(base, cache_dir, demo_dir, tmp_path, optimize
     assert result.steps == 6 and result.final_loss == result.final_loss
 
 
+def test_adamw_runs_fused_unless_the_user_chose_an_implementation():
+    """AdamW's update in one kernel: the same step as torch's one-tensor-at-a-time default."""
+    from lora_lab.config import TrainConfig
+    from lora_lab.train.optimizers import make_optimizer
+
+    def step(cfg):
+        p = torch.nn.Parameter(torch.zeros(4, 3))
+        opt = make_optimizer(cfg, [{"params": [p], "lr": 1e-2}], torch.device("cpu"))
+        for _ in range(3):
+            p.grad = torch.ones_like(p)
+            opt.step()
+        return opt, p.detach()
+
+    fused, a = step(TrainConfig(optimizer="adamw"))
+    plain, b = step(TrainConfig(optimizer="adamw", optimizer_args={"foreach": False}))
+    assert fused.defaults["fused"] is True and not plain.defaults["fused"]
+    assert torch.allclose(a, b, atol=1e-6) and torch.allclose(a, torch.full((4, 3), -0.03), atol=1e-4)
+    opt, _ = step(TrainConfig(optimizer="adafactor", learning_rate=1e-3))  # only AdamW is given the flag
+    assert "fused" not in opt.defaults or not opt.defaults["fused"]
+
+
 def test_cuda_only_settings_are_refused_on_cpu():
     from lora_lab.config import TrainConfig
 
