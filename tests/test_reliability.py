@@ -162,6 +162,13 @@ def test_two_workers_on_one_machine(tmp_path, cache_dir, demo_dir):
     assert proc.returncode == 0, proc.stderr[-2000:]
     study = tmp_path / "sweeps" / "smoke"
     assert len({m for m in re.findall(r"worker (\d+): loaded", proc.stdout)}) == 2
+    # The cores are shared out: each worker gets its part, not every core (4 threads on 2 cores
+    # trained 4x slower).
+    import torch
+
+    share = max(1, torch.get_num_threads() // 2)
+    threads = [int(n) for n in re.findall(r"worker \d+: loaded .* (\d+) CPU threads?", proc.stdout)]
+    assert threads == [share, share], proc.stdout[-2000:]
     _points_once(leaderboard.build(study), study, {1, 2, 3, 4})
 
 

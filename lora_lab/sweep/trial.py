@@ -106,7 +106,13 @@ class Worker:
         self.render_plan: Dict[Any, Any] = {}  # the batch size chosen once for this worker
         self.after_check = None  # called after every per-epoch check (the sweep rewrites its report)
         self.load_s = time.time() - started
-        log.info(f"worker {os.getpid()}: loaded {self.base.source} and scorers in {self.load_s:.1f}s")
+        where = ""
+        if self.device.type == "cpu":
+            import torch
+
+            n = torch.get_num_threads()
+            where = f", {n} CPU thread{'s' if n > 1 else ''}"
+        log.info(f"worker {os.getpid()}: loaded {self.base.source} and scorers in {self.load_s:.1f}s{where}")
 
     def dataset(self, config: Config):
         from lora_lab.data.dataset import load_dataset
