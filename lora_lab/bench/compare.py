@@ -33,7 +33,7 @@ from typing import Dict, List
 
 from lora_lab.bench.runs import RESULT_PREFIX, baseline_trial, probe, result_of, run
 
-TARGET_SPEEDUP, AIM_SPEEDUP, TARGET_BOUND_RATIO = 4.0, 5.0, 1.5
+TARGET_SPEEDUP, TARGET_BOUND_RATIO, TARGET_RENDER_RATIO, TARGET_SWITCH = 5.0, 1.2, 1.2, 0.05
 _DATA = ["data=demo", "data.token=sks woman"]  # what +sweep=smoke trains on
 STAGES = ("load", "train", "render", "score", "judge", "write", "other")
 
@@ -54,7 +54,7 @@ def _sweep_args(args, name: str, grid: List[int], epochs: int, root: Path, extra
         f"eval.strengths=[{strengths}]", f"eval.max_prompts={args.prompts // 2}", "eval.seeds=[1234]",
         f"eval.steps={args.steps}", f"eval.size={args.resolution}", "eval.face.pretrained=null",
         "eval.clip.model=lora-lab-tiny-clip", "eval.clip.pretrained=null", "train.batch_size=2",
-        "train.learning_rate=1e-3", *_device_overrides(args), *extra,
+        "train.learning_rate=1e-3", f"sweep.workers={args.workers}", *_device_overrides(args), *extra,
     ]
 
 
@@ -102,9 +102,13 @@ def _sweep(args, root: Path, grid: List[int]) -> Dict:
     def total(key: str) -> float:
         return sum(x.get(key, 0.0) for x in t)
 
-    stages = {"load": study["startup_s"] + study["load_s"], "train": total("setup_s") + total("train_s"),
-              "render": total("render_s") - total("png_s"), "score": total("score_s"),
-              "judge": total("judge_s"), "write": total("write_s") + study["report_s"]}
+    # With several workers the trials' stages overlap: each is shown per worker (its sum / workers),
+    # and the workers' own start-up and loading fall in "other".
+    w = args.workers
+    stages = {"load": study["startup_s"] + (study["load_s"] or 0.0),
+              "train": (total("setup_s") + total("train_s")) / w, "render": (total("render_s") - total("png_s")) / w,
+              "score": total("score_s") / w, "judge": total("judge_s") / w,
+              "write": total("write_s") / w + study["report_s"]}
     stages["other"] = wall - sum(stages.values())
     return {"wall_s": wall, "peak_mb": peak, "load_s": stages["load"], "train_s": total("train_s"),
             "steps": total("steps"), "render_s": total("render_s"), "switch_s": total("switch_s"),
@@ -124,9 +128,21 @@ def _probe(args, root: Path, grid: List[int]) -> Dict:
 
 def _memory(args, root: Path) -> Dict:
     grid = list(range(1, args.memory_trials + 1))
-    run(_sweep_args(args, "memory", grid, 1, root, ["eval.max_prompts=1", "eval.strengths=[0,1]"]), root)
+    one = argparse.Namespace(**{**vars(args), "workers": 1})  # resident memory of one worker
+    run(_sweep_args(one, "memory", grid, 1, root, ["eval.max_prompts=1", "eval.strengths=[0,1]"]), root)
     rss = [i["rss_mb"] for i in _trials(root / "memory")]
     return {"rss_mb": rss, "growth_2_to_last": (rss[-1] / rss[1] - 1) if len(rss) > 2 else None}
+
+
+def bound_of(ours: Dict, floor: Dict, workers: int = 1) -> Dict:
+    """The least time the sweep's work could take: one load (the probe's), the sweep's own
+    training steps at its own speed, its images at the probe's best batched speed. With several
+    workers, each trains on its own share of the cores at the speed it measured (their training
+    seconds, summed, divided among them); rendering stays at the probe's best for the machine."""
+    bound = {"load_s": floor["load_s"], "train_s": ours["train_s"] / workers,
+             "render_s": ours["images"] / floor["best_images_per_s"]}
+    bound["total_s"] = sum(bound.values())
+    return bound
 
 
 def compare(args) -> Dict:
@@ -140,7 +156,7 @@ def compare(args) -> Dict:
     grid = [4 * (i + 1) for i in range(args.trials)]
     print(f"lora_lab bench on {args.device}: model {args.model}, {args.resolution}px, {args.trials} trials x "
           f"{args.epochs} epochs x {len(args.strengths)} strengths x {args.prompts} prompts, {args.steps} sampling "
-          "steps", flush=True)
+          f"steps, {args.workers} sweep worker{'s' if args.workers > 1 else ''}", flush=True)
     # Warm the shared cache (built-in model, demo data) so neither side pays for building it.
     run(_sweep_args(args, "warmup", [2], 1, root, ["eval.strengths=[0]", "eval.max_prompts=1", "eval.steps=1"]), root)
     print("manual-style baseline ...", flush=True)
@@ -151,9 +167,7 @@ def compare(args) -> Dict:
     floor = _probe(args, root, grid)
     print(f"memory check ({args.memory_trials} trials) ...", flush=True)
     mem = _memory(args, root)
-    bound = {"load_s": floor["load_s"], "train_s": ours["train_s"],
-             "render_s": ours["images"] / floor["best_images_per_s"]}
-    bound["total_s"] = sum(bound.values())
+    bound = bound_of(ours, floor, args.workers)
     result = {
         "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
                     "python": platform.python_version(), "torch": __import__("torch").__version__,
@@ -178,32 +192,35 @@ def compare(args) -> Dict:
     return result
 
 
-def _target(value: float, target: float, aim: float = None) -> str:
-    text = f"target >= {target:g}x: {'met' if value >= target else 'MISSED'}"
-    if aim:
-        text += f"; aim {aim:g}x: {'met' if value >= aim else 'missed'}"
-    return text
+def _met(ok: bool) -> str:
+    return "met" if ok else "MISSED"
 
 
 def _table(r: Dict) -> str:
     b, s, m, bound = r["baseline"], r["sweep"], r["memory"], r["bound"]
     growth = m["growth_2_to_last"]
-    ratio_met = "met" if r["bound_ratio"] <= TARGET_BOUND_RATIO else "MISSED"
+    workers = r["settings"].get("workers", 1)
+    render_ratio = r["images_per_s"]["best_batched"] / r["images_per_s"]["sweep"]
     rows = [
         ("whole run, wall", f"{b['wall_s']:.1f} s", f"{s['wall_s']:.1f} s",
-         f"{r['speedup']:.2f}x faster ({_target(r['speedup'], TARGET_SPEEDUP, AIM_SPEEDUP)})"),
+         f"{r['speedup']:.2f}x faster (target >= {TARGET_SPEEDUP:g}x: {_met(r['speedup'] >= TARGET_SPEEDUP)})"),
         ("lower bound for the sweep's work", "", f"{bound['total_s']:.1f} s",
-         f"sweep = {r['bound_ratio']:.2f}x the bound (target <= {TARGET_BOUND_RATIO:g}x: {ratio_met})"),
+         f"sweep = {r['bound_ratio']:.2f}x the bound (target <= {TARGET_BOUND_RATIO:g}x: "
+         f"{_met(r['bound_ratio'] <= TARGET_BOUND_RATIO)})"),
         ("time loading models", f"{b['load_s']:.1f} s", f"{s['load_s']:.1f} s", "start-up and imports included"),
         ("training steps / s", f"{r['train_steps_per_s']['uncached']:.2f}", f"{r['train_steps_per_s']['cached']:.2f}",
-         f"{r['cache_speedup']:.2f}x with caches"),
+         f"{r['cache_speedup']:.2f}x with caches" + (f" (per worker, {workers} workers)" if workers > 1 else "")),
         ("evaluation images / s", f"{r['images_per_s']['baseline']:.2f}", f"{r['images_per_s']['sweep']:.2f}",
          f"{s['images']} vs {b['images']} images, batch {s['batch_size']}; best batched "
-         f"{r['images_per_s']['best_batched']:.2f} (batch {r['probe']['best_batch']})"),
-        ("epoch switching", "", f"{100 * r['switch_share_of_render']:.2f}% of rendering", "target < 5%"),
+         f"{r['images_per_s']['best_batched']:.2f} (batch {r['probe']['best_batch']}): {render_ratio:.2f}x "
+         f"(target <= {TARGET_RENDER_RATIO:g}x: {_met(render_ratio <= TARGET_RENDER_RATIO)})"
+         + (" (per worker)" if workers > 1 else "")),
+        ("epoch switching", "", f"{100 * r['switch_share_of_render']:.2f}% of rendering",
+         f"target < {100 * TARGET_SWITCH:g}%: {_met(r['switch_share_of_render'] < TARGET_SWITCH)}"),
         ("attaching the LoRA, once per trial", "", f"{100 * r['attach_share_of_render']:.2f}% of rendering", ""),
         ("per-trial set-up, warm worker", "", f"{r['warm_trial_setup_s']:.2f} s", "target < 1 s"),
-        ("peak memory", f"{b['peak_mb']:.0f} MB", f"{s['peak_mb']:.0f} MB", ""),
+        ("peak memory", f"{b['peak_mb']:.0f} MB", f"{s['peak_mb']:.0f} MB",
+         f"{workers} workers together" if workers > 1 else ""),
         (f"RSS trial 2 -> {len(m['rss_mb'])}", "", f"{m['rss_mb'][1]:.0f} -> {m['rss_mb'][-1]:.0f} MB",
          f"{100 * growth:+.1f}% (target within 10%)" if growth is not None else ""),
     ]
@@ -280,6 +297,11 @@ def main(argv=None) -> int:
 
         bench_network.run(argv[1:])
         return 0
+    if argv[:1] == ["train"]:
+        from lora_lab.bench import train_profile
+
+        train_profile.run(argv[1:])
+        return 0
     if argv[:1] == ["doctor"]:
         from lora_lab.bench import doctor as bench_doctor
 
@@ -310,6 +332,8 @@ def main(argv=None) -> int:
     parser.add_argument("--prompts", type=int, default=2, help="an even number: half likeness, half adaptability")
     parser.add_argument("--steps", type=int, default=10, help="sampling steps per image")
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--workers", type=int, default=1,
+                        help="sweep.workers for the sweep (several: each gets its share of the CPU threads)")
     parser.add_argument("--memory-trials", type=int, default=10)
     parser.add_argument("--cache-dir", default="sweeps/.cache")
     parser.add_argument("--out", default="sweeps/bench")
