@@ -283,34 +283,19 @@ def _truth(argv: List[str]) -> int:
     return 0
 
 
+# `python -m lora_lab.bench NAME ...` -> the module of lora_lab.bench whose run(argv) it calls
+SUBCOMMANDS = {"calibrate": "calibrate", "network": "network", "train": "train_profile", "doctor": "doctor",
+               "report": "report"}
+
+
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["truth"]:
         return _truth(argv[1:])
-    if argv[:1] == ["calibrate"]:
-        from lora_lab.bench import calibrate as bench_calibrate
+    if argv[:1] and argv[0] in SUBCOMMANDS:  # each imported only when asked for
+        import importlib
 
-        bench_calibrate.run(argv[1:])
-        return 0
-    if argv[:1] == ["network"]:
-        from lora_lab.bench import network as bench_network
-
-        bench_network.run(argv[1:])
-        return 0
-    if argv[:1] == ["train"]:
-        from lora_lab.bench import train_profile
-
-        train_profile.run(argv[1:])
-        return 0
-    if argv[:1] == ["doctor"]:
-        from lora_lab.bench import doctor as bench_doctor
-
-        bench_doctor.run(argv[1:])
-        return 0
-    if argv[:1] == ["report"]:
-        from lora_lab.bench import report as bench_report
-
-        bench_report.run(argv[1:])
+        importlib.import_module(f"lora_lab.bench.{SUBCOMMANDS[argv[0]]}").run(argv[1:])
         return 0
     if argv[:1] in (["baseline-trial"], ["probe"]):
         from lora_lab.cli import setup_logging
