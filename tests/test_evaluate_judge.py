@@ -139,3 +139,51 @@ def test_copy_is_judged_against_the_base_model():
     v = {(r.epoch, r.strength): r for r in judge(t, 0.8, JudgeConfig()).itertuples()}
     assert v[(1, 1.0)].verdict == "good"  # no closer to a training image than the base model is
     assert v[(2, 1.0)].verdict == "overfit" and "CLIP-I 0.985 >= 0.98; base 0.960" in v[(2, 1.0)].reasons[0]
+
+
+def _two_prompt_table(plain, room):
+    """Cells with likeness read on two prompts: (epoch, strength) -> (plain prompt, room-changing prompt)."""
+    rows = []
+    for (epoch, strength), (a, b) in {(1, 0.0): (plain[0], room[0]), **{k: (plain[i], room[i]) for i, k in
+                                                                        enumerate([(1, 1.0), (2, 1.0)], 1)}}.items():
+        row = _cell(epoch, strength, (a + b) / 2, 28.0)
+        row["likeness::photo of sks"], row["likeness::photo of sks, on a white background"] = a, b
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def test_a_likeness_prompt_no_cell_moves_is_left_out_and_said():
+    # The training images share one room; on the white-background prompt no cell looks more like
+    # them than the base model (0.37 -> at best 0.38, 2% of the way to 0.99), while the plain
+    # prompt moves from 0.39 to 0.60 and 0.80 (34% and 66%).
+    table = _two_prompt_table(plain=(0.39, 0.60, 0.80), room=(0.37, 0.33, 0.38))
+    judged = judge(table, ceiling=0.99, cfg=JudgeConfig(underfit_gain=0.5))
+    v = {(r.epoch, r.strength): r for r in judged.itertuples()}
+    assert math.isclose(v[(2, 1.0)].likeness, 0.80) and math.isclose(v[(2, 1.0)].gain, 0.41 / 0.60)
+    assert v[(2, 1.0)].verdict == "good" and v[(1, 1.0)].verdict == "underfit"
+    assert v[(1, 1.0)].reasons[1].startswith("likeness left out 'photo of sks, on a white background': no cell's "
+                                             "images came more than 2% of the way")
+    doc = verdict_document(judged, 0.99, JudgeConfig(underfit_gain=0.5), {"last-000001": "a", "last-000002": "b"}, [])
+    assert any("likeness left out 'photo of sks, on a white background'" in n for n in doc["notes"])
+    # with the rule off, both prompts count: (0.80 + 0.38) / 2 = 0.59 is 36% of the way: underfit
+    off = judge(table, ceiling=0.99, cfg=JudgeConfig(underfit_gain=0.5, likeness_prompt_gain=0.0))
+    assert off.set_index(["epoch", "strength"]).loc[(2, 1.0), "verdict"] == "underfit"
+
+
+def test_every_likeness_prompt_counts_when_all_or_none_fall_short():
+    moving = _two_prompt_table(plain=(0.39, 0.60, 0.80), room=(0.37, 0.50, 0.70))  # both move: both count
+    judged = judge(moving, ceiling=0.99, cfg=JudgeConfig())
+    assert math.isclose(judged.set_index(["epoch", "strength"]).loc[(2, 1.0), "likeness"], 0.75)
+    assert judged.attrs["likeness_prompts_left_out"] == []
+    still = _two_prompt_table(plain=(0.39, 0.40, 0.45), room=(0.37, 0.36, 0.38))  # nothing learnt yet
+    judged = judge(still, ceiling=0.99, cfg=JudgeConfig())
+    assert set(judged[judged.strength != 0].verdict) == {"underfit"} and judged.attrs["likeness_prompts_left_out"] == []
+
+
+def test_aggregate_keeps_likeness_per_prompt():
+    rows = [{"epoch": 1, "label": "e1", "strength": 1.0, "prompt_kind": "likeness", "prompt": p, "seed": s,
+             "clip_i": v, "clip_i_max": v, "closest_reference": "01.png", "clip_adherence": float("nan"),
+             "diversity": 0.2} for p, s, v in [("a", 1, 0.2), ("a", 2, 0.4), ("b", 1, 0.9), ("b", 2, 0.7)]]
+    agg = aggregate(pd.DataFrame(rows), "object")
+    assert math.isclose(agg["likeness::a"].iloc[0], 0.3) and math.isclose(agg["likeness::b"].iloc[0], 0.8)
+    assert math.isclose(agg.likeness.iloc[0], 0.55)

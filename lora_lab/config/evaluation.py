@@ -76,6 +76,12 @@ class JudgeConfig:
         pick_noise: the best cell is the gentlest (lowest strength, then earliest epoch) of
             the cells whose combined score is within this many standard errors of the
             likeness (across seeds and prompts) of the highest; 0 picks the highest.
+        likeness_prompt_gain: a likeness prompt counts towards likeness only when at least one
+            cell brings its images this far from the base model's towards the training images
+            (a share of the gap, as ``underfit_gain``): a prompt in which no cell looks more
+            like the training images than the base model does (it replaces the one room they
+            all share, say) says nothing of how much was learnt. Where every prompt falls
+            short, all count. 0 keeps every prompt.
     """
 
     underfit_gain: float = 0.3
@@ -86,10 +92,11 @@ class JudgeConfig:
     diversity_drop: float = 0.5
     likeness_weight: float = 1.0
     adherence_weight: float = 1.0
+    likeness_prompt_gain: float = 0.2
 
     def __post_init__(self) -> None:
         positive(self.pick_noise, "eval.judge.pick_noise", allow_zero=True)
-        for key in ("underfit_gain", "adherence_drop", "ask_drop", "diversity_drop"):
+        for key in ("underfit_gain", "adherence_drop", "ask_drop", "diversity_drop", "likeness_prompt_gain"):
             value = getattr(self, key)
             require(0 <= value <= 1, f"eval.judge.{key}", f"must be between 0 and 1, got {value!r}")
         require(0 < self.copy_threshold <= 1, "eval.judge.copy_threshold", "must be in (0, 1]")

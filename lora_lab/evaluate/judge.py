@@ -39,6 +39,9 @@ def aggregate(scores: pd.DataFrame, kind: str) -> pd.DataFrame:
             row["likeness"] = float(like.clip_i.mean()) if len(like) else math.nan
         per_image = like.face_likeness[detected] if kind == "person" else like.clip_i
         row["likeness_se"] = float(per_image.std() / math.sqrt(len(per_image))) if len(per_image) > 1 else math.nan
+        for prompt, pg in like.groupby("prompt", sort=False):  # per likeness prompt, for the prompt rule
+            values = pg.face_likeness[pg.face_detected.astype(bool)] if kind == "person" else pg.clip_i
+            row[f"likeness::{prompt}"] = float(values.mean()) if len(values) else math.nan
         row["clip_i"] = float(like.clip_i.mean()) if len(like) else math.nan
         row["adherence"] = float(adapt.clip_adherence.mean()) if len(adapt) else math.nan
         for prompt, pg in adapt.groupby("prompt", sort=False):
@@ -92,8 +95,10 @@ def judge(agg: pd.DataFrame, ceiling: float, cfg: JudgeConfig) -> pd.DataFrame:
     when its likeness gain over the base model is below ``underfit_gain`` of the gap to the
     ceiling; otherwise ``good``.
     """
+    agg, left_out = informative_likeness(agg, ceiling, cfg)
     base = _baseline(agg)
     out = agg.copy()
+    out.attrs["likeness_prompts_left_out"] = left_out
     verdicts, reasons, gains, combined, noise = [], [], [], [], []
     prompts = [c.split("::", 1)[1] for c in agg.columns if c.startswith("adherence::")]
     for _, cell in agg.iterrows():
@@ -142,7 +147,7 @@ def judge(agg: pd.DataFrame, ceiling: float, cfg: JudgeConfig) -> pd.DataFrame:
         elif verdict == "underfit":
             reasons.append([f"too little of the subject yet: likeness {cell.likeness:.3f} is {_pct(gain)} of the way "
                             f"from the base model ({_fmt(base.likeness)}) to the training images ({ceiling:.3f}); "
-                            f"needs {cfg.underfit_gain:.0%}"])
+                            f"needs {cfg.underfit_gain:.0%}", *left_out])
         else:
             reasons.append([f"likeness {cell.likeness:.3f}, {_pct(gain)} of the way from the base model to the "
                             f"training images ({ceiling:.3f}); {_kept(cell, base, prompts)}"])
@@ -152,6 +157,29 @@ def judge(agg: pd.DataFrame, ceiling: float, cfg: JudgeConfig) -> pd.DataFrame:
     out["verdict"] = verdicts
     out["reasons"] = reasons
     return out
+
+
+def informative_likeness(agg: pd.DataFrame, ceiling: float, cfg: JudgeConfig) -> tuple[pd.DataFrame, List[str]]:
+    """Likeness from the likeness prompts that show something: a prompt whose best cell comes
+    less than ``likeness_prompt_gain`` of the way from the base model to the training images
+    is left out of ``likeness`` (all count where none or every one falls short). Returns the
+    table (likeness recomputed only when a prompt is left out) and a sentence per prompt left out."""
+    base = _baseline(agg)
+    cols = [c for c in agg.columns if c.startswith("likeness::")]
+    if cfg.likeness_prompt_gain <= 0 or len(cols) < 2 or base is None:
+        return agg, []
+    lora = agg[agg.strength != 0]
+    best = {c: max((g for g in (likeness_gain(v, base[c], ceiling) for v in lora[c]) if _ok(g)), default=math.nan)
+            for c in cols}
+    short = [c for c in cols if not (_ok(best[c]) and best[c] >= cfg.likeness_prompt_gain)]
+    if not short or len(short) == len(cols):
+        return agg, []
+    out = agg.copy()
+    out["likeness"] = out[[c for c in cols if c not in short]].mean(axis=1)
+    return out, [f"likeness left out '{c.split('::', 1)[1]}': no cell's images came more than {_pct(best[c])} of the "
+                 f"way from the base model's to the training images (a prompt counts from "
+                 f"{cfg.likeness_prompt_gain:.0%}); the training images may share what it changes"
+                 for c in short]
 
 
 def _ask_lost(prompt: str, cell: pd.Series, base: pd.Series, cfg: JudgeConfig) -> tuple[Optional[str], float]:
@@ -213,7 +241,7 @@ def verdict_document(judged: pd.DataFrame, ceiling: float, cfg: JudgeConfig, fil
         "best": None,
         "ceiling": _json(ceiling),
         "thresholds": asdict(cfg),
-        "notes": notes,
+        "notes": notes + list(judged.attrs.get("likeness_prompts_left_out", [])),
         "cells": [{k: _json(v) for k, v in row.items()} for row in judged.to_dict(orient="records")],
     }
     if best is not None:
