@@ -86,8 +86,19 @@ def test_a_small_truth_run_writes_every_documented_key(tmp_path):
     assert set(now) >= {"trial_epochs_saved", "true_best_pruned"}
     assert doc["validation_loss"]["trials"] == 4
     assert set(doc["validation_loss"]) >= {"validation_loss_picks_true_best_epoch", "lora_lab_picks_true_best_epoch"}
+    for where in ("training_drawings", "base_renders", "lora_renders"):  # the second read-out's check
+        shares = doc["readouts"][where]["by_attribute"]
+        assert set(shares) >= {"hair_colour", "hair_style", "background"} and all(0 <= v <= 1 for v in shares.values())
+    assert doc["readouts"]["lora_renders"]["images"] == 2 * 2 * 2 * 5 * 2  # subjects x trials x epochs x prompts x seeds
+    agree = doc["heldout"]["where_readouts_agree"]
+    assert agree["cells"] + agree["cells_where_readouts_part"] == 4
+    leak = doc["heldout"]["leakage"]  # dax's drawings share one uncaptioned yellow background
+    assert leak["subjects"] == {"mydax": {"background": "yellow"}} and leak["of"] == 4
+    assert sum(leak["lora_lab_verdicts"].values()) == leak["cells"]
+    assert doc["calibration"]["leakage"]["subjects"] == {}  # sks's captions name its backgrounds
     cells = pd.read_csv(out / "truth" / "truth_cells.csv")
     assert len(cells) == 8 and set(cells.split) == {"calibration", "heldout"}
+    assert {"true_verdict_b", "leaks", "true_leak"} <= set(cells.columns)
     page = (out / "truth" / "disagreements.html").read_text()
     parted = int((cells.verdict != cells.true_verdict).sum())
     assert page.count('<div class="cell"') == parted

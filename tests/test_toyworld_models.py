@@ -188,6 +188,37 @@ def test_true_verdicts_follow_the_judge_rules():
     assert result["pick_rank"] == 3  # the overfit cell ranks below every cell that is not
 
 
+def test_leakage_flags_the_training_background_where_no_prompt_asks_for_it():
+    glasses = "photo of sks wearing glasses"
+    read = _scores({(1, 0.0): (0.25, {glasses: 1.0}), (1, 1.0): (0.8, {glasses: 1.0}), (2, 1.0): (0.8, {glasses: 1.0})})
+    # the share of images painted with the training drawings' room: base 1 in 3, epoch 1 0.1
+    # more (under adherence_drop 0.2 above the base), epoch 2 in every image
+    read["leak"] = read.epoch.map({1: 1 / 3, 2: 1.0}) + ((read.epoch == 1) & (read.strength == 1.0)) * 0.1
+    read.loc[read.prompt == "photo of sks", "leak"] = float("nan")  # as if this prompt named a background: left out
+    table = truth.truth_cells(read, top=1.0, cfg=JudgeConfig())
+    got = dict(zip(zip(table.epoch, table.strength), table.leaks))
+    assert got == {(1, 0.0): False, (1, 1.0): False, (2, 1.0): True}
+    assert table.true_verdict.tolist() == ["base", "good", "good"]  # a flag beside the verdict
+    assert table.true_leak.tolist() == pytest.approx([1 / 3, 1 / 3 + 0.1, 1.0])
+
+
+def test_training_context_is_the_shared_background_no_caption_names(tmp_path):
+    readout = assets.load_readout()
+    a = world.Attributes(hair_colour="red", hair_style="short", eye_colour="blue", skin="light", face="round",
+                         mark="none", glasses=False, hat=False, earrings=False, background="yellow", pattern="plain")
+    paths = []
+    for i, bg in enumerate(["yellow", "yellow", "yellow", "yellow", "navy"]):
+        p = tmp_path / f"{i}.png"
+        world.draw(world.replace(a, background=bg), 32).save(p)
+        p.with_suffix(".txt").write_text("photo of sks person", encoding="utf-8")
+        paths.append(p)
+    assert truth.training_context(readout, paths) == {"background": "yellow"}  # 4 of 5 share it
+    assert truth.training_context(readout, paths[3:]) is None  # no background shared by 3 in 4
+    for p in paths[:3]:  # the captions name the background: not a leak to look for
+        p.with_suffix(".txt").write_text("photo of sks person, on a yellow background", encoding="utf-8")
+    assert truth.training_context(readout, paths) is None
+
+
 def test_ranking_captions_change_one_attribute_each_and_say_which():
     rng = random.Random(5)
     for a in quality.heldout(50):
@@ -229,6 +260,23 @@ def test_shipped_readout_reads_held_out_drawings():
     readout = assets.load_readout()
     accuracy = readout_accuracy(readout, n=300)
     assert min(accuracy.values()) >= 0.95, accuracy
+
+
+def test_shipped_second_readout_matches_its_record_and_reads_held_out_drawings():
+    from lora_lab.toyworld.quality import readout_accuracy
+
+    info = json.loads((assets.WEIGHTS_DIR / "readout2.json").read_text())
+    assert pretrain.sha256(assets.WEIGHTS_DIR / "readout2.safetensors") == info["sha256"]
+    assert info["command"] == "python -m lora_lab.toyworld.pretrain_readout2" and info["seed"] != 0
+    accuracy = readout_accuracy(assets.load_readout2(), n=300)
+    assert min(accuracy.values()) >= 0.95, accuracy
+
+
+def test_second_readout_missing_says_how_to_make_it(tmp_path):
+    from lora_lab.errors import ModelError
+
+    with pytest.raises(ModelError, match="python -m lora_lab.toyworld.pretrain_readout2"):
+        assets.load_readout2(tmp_path)
 
 
 @pytest.mark.parametrize("name, template", [("hair_colour", "photo of a person with {} hair"),
@@ -284,3 +332,24 @@ def test_toyworld_model_draws_the_hair_style_and_mark_asked_for(cache_dir):
     mark = sum(s["mark"] == a[1] for s, a in zip(seen, asked))
     # of 32: style 32 and mark 30 measured (a third set of 16 seeds: 16 and 16); chance 8 and 11
     assert style >= 28 and mark >= 28, (style, mark)
+
+
+def test_second_readout_training_writes_weights_and_its_record(tmp_path):
+    from lora_lab.toyworld import pretrain_readout2
+
+    assert pretrain_readout2.main(["--steps", "2", "--work", str(tmp_path / "work"), "--weights", str(tmp_path)]) == 0
+    info = json.loads((tmp_path / "readout2.json").read_text())
+    assert info["steps"] == 2 and info["seed"] == 1
+    assert info["sha256"] == pretrain.sha256(tmp_path / "readout2.safetensors")
+    assert set(assets.load_readout2(tmp_path)(torch.zeros(1, 3, 32, 32))) == set(nets.HEADS)
+
+
+def test_second_readout_blur_keeps_flat_images_and_softens_edges():
+    from lora_lab.toyworld.pretrain_readout2 import blur
+
+    x = torch.zeros(2, 3, 8, 8)
+    x[:, :, :, 4:] = 1.0
+    out = blur(x, torch.tensor([0.0, 1.0]))
+    assert torch.allclose(out[0], x[0], atol=1e-6)  # sigma 0: unchanged
+    assert 0.0 < out[1, 0, 0, 3] < 0.5 < out[1, 0, 0, 4] < 1.0  # the edge spreads
+    assert torch.allclose(blur(torch.full((1, 3, 8, 8), 0.3), torch.tensor([1.0])), torch.full((1, 3, 8, 8), 0.3))

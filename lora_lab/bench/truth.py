@@ -32,9 +32,10 @@ from typing import Dict, List, Optional
 import pandas as pd
 
 from lora_lab.bench import truth_rules as gt
+from lora_lab.bench.truth_checks import leakage_figures, readout_figures, where_readouts_agree
 from lora_lab.bench.truth_pruning import pruning
 from lora_lab.config import JudgeConfig
-from lora_lab.evaluate.judge import best_cell, judge
+from lora_lab.evaluate.judge import aggregate, best_cell, judge
 from lora_lab.numbers import wilson
 from lora_lab.toyworld import assets, subjects
 
@@ -47,7 +48,6 @@ CANDIDATES = {"underfit_gain": [0.1, 0.15, 0.2, 0.25, 0.3, 0.35, 0.4, 0.5],
               "adherence_drop": [0.05, 0.1, 0.15, 0.2, 0.25, 0.3],
               "ask_drop": [0.25, 0.5, 0.75, 1.0],
               "diversity_drop": [0.5, 1.0], "copy_threshold": [0.95, 1.0]}
-_JUDGED = ["gain", "combined", "verdict", "reasons"]
 
 
 def _share(hits: int, n: int) -> dict:
@@ -84,12 +84,17 @@ def run_studies(args, sources: Dict[str, str], sweep: str = "truth") -> float:
 
 
 def collect(root: Path, name: str, cache_dir: Path, readout, source: Optional[str] = None,
-            study: Optional[Path] = None) -> List[dict]:
-    """Every finished trial of one subject's study (default ``root/truth_<name>``), with the read-out's truth."""
+            study: Optional[Path] = None, second=None) -> List[dict]:
+    """Every finished trial of one subject's study (default ``root/truth_<name>``), with the
+    read-out's truth (and, with ``second``, the second read-out's verdicts beside it)."""
     subject = subjects.load(source or name)
     folder = subjects.data_folder(cache_dir, source or name)
     refs = sorted((folder / subject.folder_name).glob("*.png"))
     top = gt.ceiling(readout, refs, subject)
+    top_b = gt.ceiling(second, refs, subject) if second is not None else None
+    context = gt.training_context(readout, refs)
+    references = gt.read_scores(pd.DataFrame({"image": [str(p) for p in refs], "prompt": ""}), readout,
+                                Path.cwd(), subject, second) if second is not None else None
     trials = []
     study = study or root / f"truth_{name}"
     for tdir in sorted(study.glob("trial_*"), key=lambda p: int(p.name.split("_")[1])):
@@ -98,12 +103,22 @@ def collect(root: Path, name: str, cache_dir: Path, readout, source: Optional[st
         doc = json.loads((tdir / "verdict.json").read_text(encoding="utf-8"))
         info = json.loads((tdir / "trial.json").read_text(encoding="utf-8"))
         scores = pd.read_csv(tdir / "scores.csv")
-        read = gt.read_scores(scores, readout, Path.cwd(), subject)
-        agg = pd.read_csv(tdir / "scores_agg.csv").drop(columns=_JUDGED, errors="ignore")
+        read = gt.read_scores(scores, readout, Path.cwd(), subject, second, context)
+        truth = gt.truth_cells(read, top, TRUTH_RULES)
+        if second is not None:
+            other = gt.truth_cells(read.assign(identity=read.identity_b, asked_shown=read.asked_shown_b), top_b,
+                                   TRUTH_RULES)
+            truth = truth.merge(other[gt.CELL + ["true_verdict"]].rename(columns={"true_verdict": "true_verdict_b"}),
+                                on=gt.CELL)
+        agg = aggregate(scores, "object")  # from every image's scores: the judge as it is now, on stored images
         trials.append({"subject": name, "trial": tdir.name, "dir": tdir, "params": info.get("params", {}),
                        "duration_s": float(info.get("duration_s") or 0.0),
                        "number": int(info["number"]), "scores": scores, "agg": agg,
-                       "ceiling": doc["ceiling"], "true_ceiling": top, "truth": gt.truth_cells(read, top, TRUTH_RULES),
+                       "ceiling": doc["ceiling"], "true_ceiling": top, "truth": truth, "context": context,
+                       # one row per image (the base model's rows repeat once per epoch)
+                       "same": read.drop_duplicates("image").filter(regex="^same_|^strength$")
+                       if second is not None else None,
+                       "same_references": references.filter(regex="^same_") if references is not None else None,
                        "validation_loss": {int(k): v for k, v in (info.get("validation_loss") or {}).items()},
                        "kind": "object"})
     return trials
@@ -248,10 +263,10 @@ def run(args) -> dict:
         raise SystemExit(f"error: {sorted(set(calibration) & set(heldout))[0]!r} is both a calibration and a "
                          "held-out subject; a held-out figure needs subjects no choice looked at")
     sweep_s = run_studies(args, sources)
-    readout = assets.load_readout()
+    readout, second = assets.load_readout(), assets.load_readout2()
     cache_dir = Path(args.cache_dir)
     split = {n: "calibration" for n in calibration} | {n: "heldout" for n in heldout}
-    trials = {part: [t for n in names for t in collect(args.root, n, cache_dir, readout, sources[n])]
+    trials = {part: [t for n in names for t in collect(args.root, n, cache_dir, readout, sources[n], second=second)]
               for part, names in (("calibration", calibration), ("heldout", heldout))}
     if not trials["calibration"] or not trials["heldout"]:
         raise SystemExit("error: a split has no finished trial: there is no figure to report")
@@ -268,11 +283,18 @@ def run(args) -> dict:
         cells, picks = judged_cells(trials[part], chosen)
         result[part] = figures(cells, picks)
         result[part]["picks"] = picks
+        result[part]["where_readouts_agree"] = where_readouts_agree(cells, picks, figures)
+        # the same thresholds with every likeness prompt counted (eval.judge.likeness_prompt_gain 0)
+        every, every_picks = judged_cells(trials[part], replace(chosen, likeness_prompt_gain=0.0))
+        result[part]["every_likeness_prompt"] = {k: v for k, v in figures(every, every_picks).items()
+                                                 if k in ("agreement", "recall", "picks_regret")}
+        result[part]["leakage"] = leakage_figures(cells, trials[part])
         all_cells.append(cells.assign(split=part))
         all_picks += picks
     cells = pd.concat(all_cells, ignore_index=True)
     result["pruning"] = pruning(everything, chosen, cells, split)
     result["validation_loss"] = validation_loss(everything, all_picks)
+    result["readouts"] = readout_figures(everything)
     cells.to_csv(args.root / "truth_cells.csv", index=False)
     page = disagreement_page(cells, everything, split, args.root)
     out = args.root.parent / "truth.json"
@@ -311,6 +333,16 @@ def text(r: dict) -> str:
         for v in VERDICTS:
             lines.append(f"  {v:8s} true cells {f['count'][v]:3d}; recall {_pct(f['recall'][v])}; "
                          f"precision {_pct(f['precision'][v])}")
+        w = f.get("where_readouts_agree") or {}
+        if w:
+            lines.append(f"  on the {w['cells']} cells where the second read-out gives the same true verdict "
+                         f"({w['cells_where_readouts_part']} part): agreement {_pct(w['agreement'])}; recall "
+                         + ", ".join(f"{v} {_pct(w['recall'][v])}" for v in VERDICTS))
+        k = f.get("leakage") or {}
+        if k.get("of"):
+            lines.append(f"  leakage (the training drawings' uncaptioned background where no prompt asks for it): "
+                         f"{k['cells']} of {k['of']} cells of {', '.join(k['subjects'])}; lora_lab called them "
+                         + ", ".join(f"{v} {n}" for v, n in k["lora_lab_verdicts"].items()))
     p = r["pruning"]
     lines += ["", "pruning: Spearman correlation of the per-epoch check with the final objective, by epoch"]
     for label, by_epoch in p["spearman_by_epoch"].items():
@@ -319,6 +351,12 @@ def text(r: dict) -> str:
         lines.append(f"  {part}: " + "; ".join(f"{name}: saves {v['trial_epochs_saved']:.0%}, true best pruned "
                                                 f"{v['true_best_pruned']} of {v['studies']}"
                                                 for name, v in pruners.items() if v["trial_epochs_saved"] is not None))
+    ro = r.get("readouts") or {}
+    if ro:
+        lines += ["", "the two read-outs read the same, by attribute (training drawings / base renders / LoRA renders):"]
+        for a in ro["lora_renders"]["by_attribute"]:
+            lines.append(f"  {a:12s} " + " / ".join(f"{ro[k]['by_attribute'][a]:.1%}"
+                                                   for k in ("training_drawings", "base_renders", "lora_renders")))
     v = r["validation_loss"]
     if v["trials"]:
         lines += ["", f"validation loss: its lowest epoch is the true best epoch in "

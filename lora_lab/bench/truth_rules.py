@@ -37,20 +37,67 @@ def identity_match(seen: dict, identity: Dict[str, object]) -> float:
     return sum(seen[k] == v for k, v in identity.items()) / len(identity)
 
 
-def read_scores(scores: pd.DataFrame, readout, root: Path, subject: Subject) -> pd.DataFrame:
-    """``scores`` (one row per image, as ``scores.csv``) plus the read-out's view of each image."""
+def read_scores(scores: pd.DataFrame, readout, root: Path, subject: Subject, second=None,
+                context: Optional[Dict[str, str]] = None) -> pd.DataFrame:
+    """``scores`` (one row per image, as ``scores.csv``) plus the read-out's view of each image;
+    with ``second`` (another read-out) its view too (``identity_b``, ``asked_shown_b``) and, per
+    attribute, whether the two read the same (``same_<attribute>``); with ``context`` (the
+    training drawings' uncaptioned background, :func:`training_context`) whether it shows
+    where the prompt names no background (``leak``, NaN where it does)."""
     paths = [_resolve(p, root) for p in scores.image]
     seen: List[dict] = []
+    seen_b: List[dict] = []
     for i in range(0, len(paths), 64):
-        seen += assets.read(readout, [Image.open(p).convert("RGB") for p in paths[i : i + 64]])
+        batch = [Image.open(p).convert("RGB") for p in paths[i : i + 64]]
+        seen += assets.read(readout, batch)
+        if second is not None:
+            seen_b += assets.read(second, batch)
     out = scores.copy()
     out["identity"] = [identity_match(s, subject.identity) for s in seen]
     for name, value in subject.identity.items():  # which parts of the identity show, one by one
         out[f"shows_{name}"] = [float(s[name] == value) for s in seen]
     out["asked_shown"] = [_shown(subject.asked(prompt), s) for prompt, s in zip(out.prompt, seen)]
-    for name in ("hair_colour", "eye_colour", "background"):
+    for name in ("hair_colour", "eye_colour", "background", "pattern"):
         out[f"read_{name}"] = [s[name] for s in seen]
+    if second is not None:
+        out["identity_b"] = [identity_match(s, subject.identity) for s in seen_b]
+        out["asked_shown_b"] = [_shown(subject.asked(prompt), s) for prompt, s in zip(out.prompt, seen_b)]
+        for name in seen[0] if seen else ():
+            out[f"same_{name}"] = [float(a[name] == b[name]) for a, b in zip(seen, seen_b)]
+    if context:
+        out["leak"] = [math.nan if names_background(prompt, subject) else float(_in_context(s, context))
+                       for prompt, s in zip(out.prompt, seen)]
     return out
+
+
+def names_background(prompt: str, subject: Subject) -> bool:
+    """Whether a prompt asks for a background or pattern (then showing the training
+    drawings' own is not a leak)."""
+    asked = subject.asked(prompt)
+    return "background" in prompt.lower() or (asked is not None and asked[0] in ("background", "pattern"))
+
+
+def _in_context(seen: dict, context: Dict[str, str]) -> bool:
+    return all(seen[k] == v for k, v in context.items())
+
+
+def training_context(readout, reference_images: Sequence[Path], share: float = 0.75) -> Optional[Dict[str, str]]:
+    """The background (and pattern, unless plain) that at least ``share`` of the training
+    drawings show, as the read-out sees them, when their captions do not name a background
+    (under half of the caption files say "background"); else None. A LoRA trained on such
+    drawings tends to paint it where no prompt asks for it: the truth's leakage rule."""
+    seen = assets.read(readout, [Image.open(p).convert("RGB") for p in reference_images])
+    captions = [Path(p).with_suffix(".txt") for p in reference_images]
+    said = sum(1 for c in captions if c.exists() and "background" in c.read_text(encoding="utf-8").lower())
+    if not seen or said >= len(captions) / 2:
+        return None
+    context = {}
+    for name in ("background", "pattern"):
+        values = pd.Series([s[name] for s in seen])
+        top = values.mode().iloc[0]
+        if (values == top).mean() >= share and not (name == "pattern" and top == "plain"):
+            context[name] = top
+    return context if "background" in context else None
 
 
 def _shown(want: Optional[Tuple[str, object]], seen: dict) -> float:
@@ -78,6 +125,8 @@ def truth_cells(read: pd.DataFrame, top: float, cfg: JudgeConfig) -> pd.DataFram
         for prompt, pg in adapt.groupby("prompt", sort=False):
             row[f"true_adherence::{prompt}"] = pg.asked_shown.mean()
         row["true_adherence"] = adapt.asked_shown.mean() if len(adapt) else math.nan
+        leak = g.leak.dropna() if "leak" in g else pd.Series(dtype=float)
+        row["true_leak"] = float(leak.mean()) if len(leak) else math.nan
         rows.append(row)
     table = pd.DataFrame(rows)
     base = table[table.strength == 0].iloc[0]
@@ -106,6 +155,11 @@ def truth_cells(read: pd.DataFrame, top: float, cfg: JudgeConfig) -> pd.DataFram
     table["true_combined"] = combined
     table["true_verdict"] = verdicts
     table["true_reasons"] = reasons
+    # Leakage: the training drawings' uncaptioned background shows, where no prompt asks for
+    # it, in a share of images more than adherence_drop above the base model's (a flag beside
+    # the verdict; see the README's truth section for why it is not folded into "overfit").
+    table["leaks"] = [bool(c.strength != 0 and not math.isnan(c.true_leak) and not math.isnan(base.true_leak)
+                           and c.true_leak > base.true_leak + cfg.adherence_drop) for _, c in table.iterrows()]
     return table
 
 

@@ -4,7 +4,8 @@
   built once under ``cache_dir/models`` and then loaded by the same code as any local folder;
 - :func:`clip_checkpoint`: the open_clip checkpoint, the CLIP scorer's
   ``lora-lab-toyworld-clip`` / ``lora_lab`` weights;
-- :func:`load_readout`: the attribute read-out.
+- :func:`load_readout`: the attribute read-out; :func:`load_readout2`: a second one, built and
+  trained apart, to check the first on renders.
 """
 
 from __future__ import annotations
@@ -90,6 +91,19 @@ def model_folder(cache_dir: Path, weights: Optional[Path] = None) -> Path:
 def load_readout(weights: Optional[Path] = None) -> nets.ReadOut:
     model = nets.ReadOut()
     model.load_state_dict(load_state("readout", weights))
+    return model.eval()
+
+
+def load_readout2(weights: Optional[Path] = None) -> nets.ReadOutB:
+    """The second read-out, trained apart (:mod:`lora_lab.toyworld.pretrain_readout2`)."""
+    path = Path(weights or weights_dir()) / "readout2.safetensors"
+    if not path.exists():
+        raise ModelError(f"toy world weights: {path} is missing; make it with "
+                         "`python -m lora_lab.toyworld.pretrain_readout2` (about 12 minutes on 2 CPU cores)")
+    from safetensors.torch import load_file
+
+    model = nets.ReadOutB()
+    model.load_state_dict({k: v.float() for k, v in load_file(str(path)).items()})
     return model.eval()
 
 

@@ -183,3 +183,23 @@ def to_images(x: torch.Tensor) -> list:
     from diffusers.image_processor import VaeImageProcessor
 
     return VaeImageProcessor().postprocess(x.detach(), output_type="pil")
+
+
+class ReadOutB(nn.Module):
+    """A second read-out of the same attributes, built differently from :class:`ReadOut` (wider
+    first kernels, pooling instead of strided convolutions, a pooled head, dropout) and trained
+    apart (another seed, harder inputs: :mod:`lora_lab.toyworld.pretrain_readout2`), so that
+    where the two agree on a render the truth does not rest on one network's habits."""
+
+    def __init__(self):
+        super().__init__()
+
+        def block(i, o, k):
+            return nn.Sequential(nn.Conv2d(i, o, k, 1, k // 2), nn.GroupNorm(8, o), nn.GELU())
+
+        self.features = nn.Sequential(block(3, 48, 5), nn.MaxPool2d(2), block(48, 96, 3), nn.MaxPool2d(2),
+                                      block(96, 96, 3), block(96, 96, 3), nn.AdaptiveAvgPool2d(2), nn.Flatten(),
+                                      nn.Linear(96 * 4, 256), nn.GELU(), nn.Dropout(0.1))
+        self.heads = nn.ModuleDict({name: nn.Linear(256, len(values)) for name, values in HEADS.items()})
+
+    forward = ReadOut.forward
