@@ -44,7 +44,8 @@ def where_readouts_agree(cells: pd.DataFrame, picks: List[dict], figures: Callab
     same = cells[cells.true_verdict == cells.true_verdict_b]
     parted = cells[cells.true_verdict != cells.true_verdict_b]
     out = figures(same, picks)
-    out.pop("picks_in_true_top3", None), out.pop("picks_regret", None)  # picks do not depend on it
+    for key in ("picks_in_true_top3", "picks_regret"):  # picks do not depend on the read-out
+        out.pop(key, None)
     out["cells_where_readouts_part"] = int(len(parted))
     out["parted_by_subject"] = {str(k): int(v) for k, v in parted.groupby("subject").size().items()}
     out["parted_as"] = {f"{a} / {b}": int(n) for (a, b), n in

@@ -128,7 +128,8 @@ def measure(cache_dir: Path) -> dict:
     readout = readout_accuracy(assets.load_readout())
     ranking = clip_ranking()
     pipe = base_pipe(cache_dir)
-    return {"readout": readout, "prompt_following": prompt_following(pipe),
+    return {"readout": readout, "readout2": readout_accuracy(assets.load_readout2()),
+            "prompt_following": prompt_following(pipe),
             "shape_following": prompt_following(pipe, n=48, shapes=True), "clip_top1": ranking.pop("top1"),
             "clip_by_attribute": ranking}
 
@@ -141,6 +142,9 @@ def report(figures: dict) -> str:
              f"1. read-out accuracy per attribute (bar {BARS['readout']:.0%}):"]
     for name, acc in figures["readout"].items():
         lines.append(f"   {name:<12} {acc:7.2%}  {mark(acc >= BARS['readout'])}")
+    if "readout2" in figures:  # the second read-out, which checks the first in `bench truth`
+        lines.append("   second read-out (readout2.safetensors): " + ", ".join(
+            f"{name} {acc:.1%}" for name, acc in figures["readout2"].items()))
     pf = figures["prompt_following"]
     lines.append(f"2. prompt following, read-out agrees with the prompt (bar {BARS['prompt_following']:.0%}):")
     for name in PROMPTED:
