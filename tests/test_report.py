@@ -82,3 +82,36 @@ def test_report_cli(script_study, tmp_path):
     assert proc.returncode == 0 and f"report: {tmp_path / 'smoke' / 'index.html'}" in proc.stdout
     proc = run_cli([sys.executable, "-m", "lora_lab.report", str(tmp_path / "nope")])
     assert proc.returncode == 2 and "is not a study folder" in proc.stderr
+
+
+def test_trial_page_shows_scores_over_epoch_and_strength_as_shaded_tables(script_study):
+    import json
+
+    study, report = script_study
+    page = (report / "trial_0" / "index.html").read_text(encoding="utf-8")
+    cells = [c for c in json.loads((study / "trial_0" / "verdict.json").read_text())["cells"] if c["verdict"] != "base"]
+    assert cells and all(c["likeness"] is None for c in cells)  # no face on the tiny model's renders
+    assert 'id="heat-likeness"' not in page  # nothing measured, no table
+    table = page.split('id="heat-adherence"')[1].split("</table>")[0]
+    for c in cells:  # every LoRA cell's raw value and verdict, in its strength's row
+        row = table.split(f"<tr><th>{c['strength']:g}</th>")[1].split("</tr>")[0]
+        assert f"{c['adherence']:.4g}<br><small>{c['verdict']}</small>" in row
+    shades = re.findall(r"background: (#[0-9a-f]{6}); color: (#[0-9a-f]{3})", table)
+    assert len(shades) == len(cells) and "heatmap_" not in page
+
+
+def test_heatmap_shading_runs_light_to_dark_and_keeps_text_readable():
+    from lora_lab.report.study import _heatmap, _shade
+
+    assert _shade(0.0, 0.0, 1.0) == {"background": "#edf3fb", "color": "#111"}
+    assert _shade(1.0, 0.0, 1.0) == {"background": "#214e8c", "color": "#fff"}
+    assert _shade(3.0, 3.0, 3.0)["background"] == _shade(0.5, 0.0, 1.0)["background"]  # one value: mid
+    cells = [{"epoch": 1, "strength": 0.0, "likeness": 0.1, "verdict": "base"},
+             {"epoch": 1, "strength": 1.0, "likeness": 0.4, "verdict": "underfit"},
+             {"epoch": 2, "strength": 1.0, "likeness": 0.8, "verdict": "good"},
+             {"epoch": 2, "strength": 0.5, "likeness": 0.6, "verdict": "good"}]
+    h = _heatmap(cells, "likeness")
+    assert h["epochs"] == [1, 2] and [r["strength"] for r in h["rows"]] == ["0.5", "1"]  # no base row
+    assert h["rows"][0]["cells"][0] is None  # epoch 1 at 0.5 was not rendered
+    assert [c["text"] for c in h["rows"][1]["cells"]] == ["0.4", "0.8"] and (h["low"], h["high"]) == ("0.4", "0.8")
+    assert _heatmap(cells, "adherence") is None

@@ -11,6 +11,7 @@ user text (captions, prompts, tokens, file names) is escaped by Jinja2's autoesc
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import os
@@ -32,7 +33,9 @@ from lora_lab.report.tensorboard import read_scalars
 TEMPLATES = Path(__file__).resolve().parent / "templates"
 
 
+@functools.lru_cache(maxsize=None)
 def jinja_env():
+    """One environment per process: its templates are compiled once, not at every rebuild."""
     from jinja2 import Environment, FileSystemLoader, select_autoescape
 
     return Environment(loader=FileSystemLoader(str(TEMPLATES)),
@@ -72,12 +75,12 @@ def _save(fig, path: Path) -> None:
 
 
 def _param_figures(table: pd.DataFrame, params: List[str], out: Path, study: dict) -> List[dict]:
-    plt = _plt()
     figs = []
     done = table[table.state == "complete"]
+    if done.empty:  # nothing to draw yet: matplotlib is not even imported
+        return figs
+    plt = _plt()
     for p in params:
-        if done.empty:
-            break
         fig, ax = plt.subplots(figsize=(5, 3.2))
         values = done[p].astype(str)
         ax.scatter(values, done.objective.astype(float), s=40)
@@ -119,28 +122,34 @@ def _pareto_figure(study_dir: Path, out: Path) -> Optional[dict]:
     return {"src": "pareto.png", "caption": "likeness vs adherence of every cell of every trial"}
 
 
-def _heatmap(cells: List[dict], metric: str, path: Path) -> bool:
-    rows = [c for c in cells if c.get(metric) is not None]
+def _shade(value: float, low: float, high: float) -> dict:
+    """A cell's background on a light-to-dark blue scale (``low`` lightest), with readable text."""
+    t = 0.5 if high <= low else (value - low) / (high - low)
+    light, dark = (237, 243, 251), (33, 78, 140)
+    rgb = [round(a + (b - a) * t) for a, b in zip(light, dark)]
+    return {"background": "#%02x%02x%02x" % tuple(rgb), "color": "#fff" if t > 0.55 else "#111"}
+
+
+def _heatmap(cells: List[dict], metric: str) -> Optional[dict]:
+    """``metric`` over strength (rows) x epoch (columns), each cell with its verdict, shaded from
+    the lowest to the highest value of the trial: an HTML table, nothing drawn."""
+    rows = [c for c in cells if c.get(metric) is not None and c.get("verdict") != "base"]
     if not rows:
-        return False
-    df = pd.DataFrame(rows).pivot_table(index="strength", columns="epoch", values=metric, aggfunc="first")
-    verdicts = pd.DataFrame(cells).pivot_table(index="strength", columns="epoch", values="verdict", aggfunc="first")
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(1.2 + 1.1 * df.shape[1], 0.9 + 0.6 * df.shape[0]))
-    im = ax.imshow(df.values.astype(float), cmap="viridis", aspect="auto")
-    ax.set_xticks(range(df.shape[1]), [str(c) for c in df.columns])
-    ax.set_yticks(range(df.shape[0]), [f"{s:g}" for s in df.index])
-    ax.set_xlabel("epoch")
-    ax.set_ylabel("strength")
-    for i, s in enumerate(df.index):
-        for j, e in enumerate(df.columns):
-            v = df.loc[s, e]
-            label = f"{v:.3g}\n{verdicts.loc[s, e]}" if not pd.isna(v) else str(verdicts.loc[s, e])
-            ax.text(j, i, label, ha="center", va="center", fontsize=7, color="white")
-    fig.colorbar(im, ax=ax)
-    ax.set_title(metric)
-    _save(fig, path)
-    return True
+        return None
+    values = [float(c[metric]) for c in rows]
+    low, high = min(values), max(values)
+    by_cell = {(c.get("strength"), c.get("epoch")): c for c in rows}
+    strengths = sorted({c.get("strength") for c in rows})
+    epochs = sorted({c.get("epoch") for c in rows})
+    table = []
+    for s in strengths:
+        line = []
+        for e in epochs:
+            c = by_cell.get((s, e))
+            line.append(None if c is None else {"text": _fmt(c[metric]), "verdict": c.get("verdict", ""),
+                                                **_shade(float(c[metric]), low, high)})
+        table.append({"strength": _fmt(s), "cells": line})
+    return {"metric": metric, "epochs": epochs, "rows": table, "low": _fmt(low), "high": _fmt(high)}
 
 
 def _loss_figure(tb_dir: Path, path: Path) -> bool:
@@ -168,9 +177,7 @@ def _trial_page(env, study: dict, tdir: Path, out: Path, warnings: List[str], la
     page_dir.mkdir(parents=True, exist_ok=True)
     figures, grids = [], []
     cells = [c for c in verdict.get("cells", [])]
-    for metric in ("likeness", "adherence"):
-        if _heatmap(cells, metric, page_dir / f"heatmap_{metric}.png"):
-            figures.append({"src": f"heatmap_{metric}.png", "caption": f"{metric} over epoch x strength, with verdicts"})
+    heatmaps = [h for h in (_heatmap(cells, m) for m in ("likeness", "adherence")) if h]
     if _loss_figure(tdir / "tb", page_dir / "loss.png"):
         figures.append({"src": "loss.png", "caption": "training loss"})
     prompts = {}
@@ -215,7 +222,7 @@ def _trial_page(env, study: dict, tdir: Path, out: Path, warnings: List[str], la
          "params": info.get("params", {}), "objective_text": _fmt(info.get("objective")),
          "reason": info.get("reason", ""), "duration": info.get("duration_s"), "error": error}
     html = env.get_template("trial.html.j2").render(study=study, t=t, best=verdict.get("best"), cells=shown_cells,
-                                                   figures=figures, grids=grids, captions=tags[:200], xy=xy,
+                                                   figures=figures, heatmaps=heatmaps, grids=grids, captions=tags[:200], xy=xy,
                                                    labels=labels,
                                                    warnings=[n for n in verdict.get("notes", []) if n in warnings])
     (page_dir / "index.html").write_text(html, encoding="utf-8")
