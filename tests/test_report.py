@@ -115,3 +115,21 @@ def test_heatmap_shading_runs_light_to_dark_and_keeps_text_readable():
     assert h["rows"][0]["cells"][0] is None  # epoch 1 at 0.5 was not rendered
     assert [c["text"] for c in h["rows"][1]["cells"]] == ["0.4", "0.8"] and (h["low"], h["high"]) == ("0.4", "0.8")
     assert _heatmap(cells, "adherence") is None
+
+
+def test_a_left_out_likeness_prompt_is_said_on_its_trial_page(script_study, tmp_path):
+    import json
+    import shutil
+
+    study, _ = script_study
+    copy = tmp_path / "smoke"
+    shutil.copytree(study, copy)
+    path = copy / "trial_0" / "verdict.json"
+    doc = json.loads(path.read_text())
+    note = ("likeness left out 'photo of <b>sks</b> woman, on a white background': no cell's images came more "
+            "than 3% of the way from the base model's to the training images (a prompt counts from 20%)")
+    path.write_text(json.dumps({**doc, "notes": doc["notes"] + [note]}))
+    index = build_report(copy, tmp_path / "reports")
+    page = (index.parent / "trial_0" / "index.html").read_text(encoding="utf-8")
+    assert "likeness left out &#39;photo of &lt;b&gt;sks&lt;/b&gt; woman, on a white background&#39;: no cell" in page
+    assert "likeness left out" not in (index.parent / "trial_1" / "index.html").read_text(encoding="utf-8")
