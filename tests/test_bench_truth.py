@@ -37,6 +37,20 @@ def test_figures_count_recall_precision_and_picks():
     assert f["confusion"]["overfit"] == {"underfit": 0, "good": 1, "overfit": 1}
 
 
+def test_calibration_ties_go_to_the_thresholds_that_mean_what_the_truth_means(monkeypatch):
+    # Every candidate judges alike: the tie-break alone chooses. An ask is truly lost below 80%
+    # of the base model's share, so ask_drop goes to the candidate nearest 0.2 (0.25), not to
+    # the shipped default (0.5); the other thresholds to the truth's own values.
+    cells = pd.DataFrame({"true_verdict": ["good", "overfit"], "verdict": ["good", "good"]})
+    seen = []
+    monkeypatch.setattr(truthbench, "judged_cells", lambda trials, cfg: seen.append(cfg) or (cells, []))
+    chosen, search = truthbench.calibrate([])
+    assert (chosen.ask_drop, chosen.underfit_gain, chosen.adherence_drop) == (0.25, 0.3, 0.2)
+    assert (chosen.diversity_drop, chosen.copy_threshold) == (0.5, 0.95)
+    assert truthbench.MEANING["ask_drop"] == truthbench.TRUTH_RULES.adherence_drop == 0.2
+    assert search["tried"] == 768 and search["balanced_recall"] == 0.5
+
+
 def test_the_pruner_replay_feeds_optuna_the_recorded_checks():
     import optuna
 

@@ -48,6 +48,13 @@ CANDIDATES = {"underfit_gain": [0.1, 0.15, 0.2, 0.25, 0.3, 0.35, 0.4, 0.5],
               "adherence_drop": [0.05, 0.1, 0.15, 0.2, 0.25, 0.3],
               "ask_drop": [0.25, 0.5, 0.75, 1.0],
               "diversity_drop": [0.5, 1.0], "copy_threshold": [0.95, 1.0]}
+# Where the calibration subjects cannot tell candidates apart (equal balanced recall and
+# agreement), the judge takes the one whose sentence is nearest the truth's own: an ask is
+# truly lost when it shows in fewer than 1 - adherence_drop (80%) as many images as on the base
+# model, so ask_drop's tie goes towards that same 0.2 ("less than 0.8 times as likely").
+MEANING = {"underfit_gain": TRUTH_RULES.underfit_gain, "adherence_drop": TRUTH_RULES.adherence_drop,
+           "ask_drop": TRUTH_RULES.adherence_drop, "diversity_drop": TRUTH_RULES.diversity_drop,
+           "copy_threshold": TRUTH_RULES.copy_threshold}
 
 
 def _share(hits: int, n: int) -> dict:
@@ -178,8 +185,8 @@ def calibrate(trials: List[dict]) -> tuple[JudgeConfig, dict]:
         tried += 1
         recalls = [(cells[cells.true_verdict == v].verdict == v).mean() for v in VERDICTS
                    if (cells.true_verdict == v).any()]
-        # Ties go to the candidate nearest lora_lab's defaults (the judge's shipped thresholds).
-        nearest = -sum(abs(getattr(cfg, k) - getattr(TRUTH_RULES, k)) for k in CANDIDATES)
+        # Ties go to the candidate nearest the truth's own bars (MEANING).
+        nearest = -sum(abs(getattr(cfg, k) - MEANING[k]) for k in CANDIDATES)
         key = (sum(recalls) / len(recalls) if recalls else 0.0, (cells.verdict == cells.true_verdict).mean(), nearest)
         if best_key is None or key > best_key:
             best, best_key = cfg, key
