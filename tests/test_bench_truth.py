@@ -35,6 +35,10 @@ def test_figures_count_recall_precision_and_picks():
     # picks.regret: within 5% of the true best, and not truly overfit (a pick that loses an ask is a miss)
     assert f["picks_regret"]["within_5pct"]["value"] == pytest.approx(2 / 4) and f["picks_regret"]["worst_share"] == 0.96
     assert f["confusion"]["overfit"] == {"underfit": 0, "good": 1, "overfit": 1}
+    assert "by_subject" not in f  # cells without a subject column
+    by = truthbench.figures(cells.assign(subject=["a", "a", "a", "b", "b", "b"]), picks)["by_subject"]
+    assert by["a"]["value"] == pytest.approx(2 / 3, abs=1e-4) and by["b"]["value"] == pytest.approx(2 / 3, abs=1e-4)
+    assert by["a"]["n"] == 3 and list(by) == ["a", "b"]
 
 
 def test_calibration_ties_go_to_the_thresholds_that_mean_what_the_truth_means(monkeypatch):

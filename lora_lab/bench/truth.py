@@ -173,6 +173,9 @@ def figures(cells: pd.DataFrame, picks: List[dict]) -> dict:
                            "worst_share": round(min(shares), 4) if shares else None}
     out["confusion"] = {t: {v: int(((cells.true_verdict == t) & (cells.verdict == v)).sum()) for v in VERDICTS}
                         for t in VERDICTS} if n else {}
+    if n and "subject" in cells.columns:  # agreement per subject: where the figure above comes from
+        out["by_subject"] = {str(s): _share(int((g.verdict == g.true_verdict).sum()), len(g))
+                             for s, g in cells.groupby("subject", sort=False)}
     return out
 
 
@@ -340,6 +343,9 @@ def text(r: dict) -> str:
         for v in VERDICTS:
             lines.append(f"  {v:8s} true cells {f['count'][v]:3d}; recall {_pct(f['recall'][v])}; "
                          f"precision {_pct(f['precision'][v])}")
+        if f.get("by_subject"):
+            lines.append("  agreement by subject: " + ", ".join(f"{s} {b['value']:.1%}"
+                                                               for s, b in f["by_subject"].items()))
         w = f.get("where_readouts_agree") or {}
         if w:
             lines.append(f"  on the {w['cells']} cells where the second read-out gives the same true verdict "
