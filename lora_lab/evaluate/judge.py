@@ -15,6 +15,7 @@ import pandas as pd
 
 from lora_lab.config import JudgeConfig
 from lora_lab.numbers import fmt
+from lora_lab.report.leaderboard import LEFT_OUT
 
 CELL = ["epoch", "label", "strength"]
 
@@ -176,7 +177,7 @@ def informative_likeness(agg: pd.DataFrame, ceiling: float, cfg: JudgeConfig) ->
         return agg, []
     out = agg.copy()
     out["likeness"] = out[[c for c in cols if c not in short]].mean(axis=1)
-    return out, [f"likeness left out '{c.split('::', 1)[1]}': no cell's images came more than {_pct(best[c])} of the "
+    return out, [f"{LEFT_OUT}'{c.split('::', 1)[1]}': no cell's images came more than {_pct(best[c])} of the "
                  f"way from the base model's to the training images (a prompt counts from "
                  f"{cfg.likeness_prompt_gain:.0%}); the training images may share what it changes"
                  for c in short]

@@ -75,6 +75,10 @@ def save(study_dir: Path, table: pd.DataFrame) -> None:
     atomic_write_bytes(Path(study_dir) / "leaderboard.parquet", buf.getvalue())
 
 
+# How the judge's note on a likeness prompt it left out begins; the trial's page shows it.
+LEFT_OUT = "likeness left out "
+
+
 def shown(note: str) -> bool:
     """The scorer notes every page shows: random weights, and which adherence ran."""
     return "not meaningful" in note or note.startswith("adherence:")

@@ -170,11 +170,6 @@ def _loss_figure(tb_dir: Path, path: Path) -> bool:
     return True
 
 
-# The judge's note on a likeness prompt it left out of this trial's likeness (and why): shown on
-# the trial's own page, where its cells are.
-LEFT_OUT = "likeness left out "
-
-
 def _trial_page(env, study: dict, tdir: Path, out: Path, warnings: List[str], labels: dict) -> None:
     info = read_json(tdir / "trial.json") or {}
     verdict = read_json(tdir / "verdict.json") or {}
@@ -230,7 +225,7 @@ def _trial_page(env, study: dict, tdir: Path, out: Path, warnings: List[str], la
                                                    figures=figures, heatmaps=heatmaps, grids=grids, captions=tags[:200], xy=xy,
                                                    labels=labels,
                                                    warnings=[n for n in verdict.get("notes", []) if n in warnings
-                                                             or n.startswith(LEFT_OUT)])
+                                                             or n.startswith(leaderboard.LEFT_OUT)])
     (page_dir / "index.html").write_text(html, encoding="utf-8")
 
 
