@@ -187,6 +187,16 @@ def test_true_verdicts_follow_the_judge_rules():
     assert result["true_best"] == {"epoch": 2, "strength": 1.0}
     assert result["pick_rank"] == 3  # the overfit cell ranks below every cell that is not
 
+def test_a_cell_exactly_on_the_underfit_bar_is_good_whatever_the_float_error():
+    # identity shares of 18 reads: base 5/18, the cell 8/18, references 15/18. The cell is
+    # 3/10 of the way, exactly the bar (0.3), which float arithmetic makes 0.29999999999999993.
+    assert (8 / 18 - 5 / 18) / (15 / 18 - 5 / 18) < 0.3  # the float error this guards against
+    read = _scores({(1, 0.0): (5 / 18, {}), (1, 1.0): (8 / 18, {}), (2, 1.0): (7 / 18, {})})
+    table = truth.truth_cells(read, top=15 / 18, cfg=JudgeConfig())
+    got = dict(zip(zip(table.epoch, table.strength), table.true_verdict))
+    assert got == {(1, 0.0): "base", (1, 1.0): "good", (2, 1.0): "underfit"}
+    assert table.true_gain.tolist() == pytest.approx([0.0, 0.3, 0.2])
+
 
 def test_leakage_flags_the_training_background_where_no_prompt_asks_for_it():
     glasses = "photo of sks wearing glasses"

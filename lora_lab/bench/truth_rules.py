@@ -136,7 +136,9 @@ def truth_cells(read: pd.DataFrame, top: float, cfg: JudgeConfig) -> pd.DataFram
         if cell.strength == 0:
             verdicts.append("base"), gains.append(0.0), combined.append(math.nan), reasons.append("")
             continue
-        gain = likeness_gain(cell.true_likeness, base.true_likeness, top)
+        # The read-out's shares are fractions of a few images, so a cell can sit exactly on the
+        # bar; rounding keeps float error (3/10 computed as 0.29999999999999993) from deciding it.
+        gain = round(likeness_gain(cell.true_likeness, base.true_likeness, top), 9)
         dropped = [c.split("::", 1)[1] for c in cols if base[c] > 0 and cell[c] < (1 - cfg.adherence_drop) * base[c]]
         ratio = cell.true_adherence / base.true_adherence if base.true_adherence > 0 else 1.0
         gains.append(gain)
