@@ -82,7 +82,7 @@ def test_a_small_truth_run_writes_every_documented_key(tmp_path):
     mine.write_text(subject_path("dax").read_text(encoding="utf-8"), encoding="utf-8")
     out = tmp_path / "bench"
     proc = run_cli(
-        [sys.executable, "-m", "lora_lab.bench", "truth", "--out", str(out), "--calibration", "sks",
+        [sys.executable, "-m", "lora_lab.bench", "truth", "--out", str(out), "--jobs", "2", "--calibration", "sks",
          "--heldout", str(mine), "--cache-dir", str(tmp_path / "cache"),
          "sweep.variants={a:{train.learning_rate:1e-3},b:{train.learning_rate:1e-2}}",
          "sweep.fixed={train.epochs:2,data.repeats:1,data.validation_split:0.25}",
@@ -126,3 +126,20 @@ def test_a_small_truth_run_writes_every_documented_key(tmp_path):
         assert first.count(">base seed 1<") == 5  # the base model's image once per prompt (5 prompts)
     assert "agreement" in proc.stdout and "held out mydax" in proc.stdout and (out / "truth" / "truth_mydax").is_dir()
     assert "picks within 5% of the trial's true best" in proc.stdout
+    for name in ("sks", "mydax"):  # two studies at once, each one's output in its own file
+        assert f"study truth_{name}:" in (out / "truth" / f"truth_{name}.log").read_text()
+        assert f"subject {name}: done in" in proc.stdout
+
+
+def test_a_study_that_fails_stops_the_benchmark_with_its_own_output(tmp_path):
+    from types import SimpleNamespace
+
+    from lora_lab.bench import studies
+
+    args = SimpleNamespace(root=tmp_path, cache_dir=str(tmp_path / "cache"), overrides=[], jobs=2)
+    with pytest.raises(SystemExit) as stop:
+        studies.run_studies(args, {"sks": "sks", "vek": "vek"}, sweep="no_such_sweep")
+    message = str(stop.value)
+    assert "error: the no_such_sweep sweep of subject" in message and "stopped (exit 1)" in message
+    assert "Could not find 'sweep/no_such_sweep'" in message.split("error: the")[0]  # the study's own output, above
+    assert (tmp_path / "no_such_sweep_sks.log").exists()

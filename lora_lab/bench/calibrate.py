@@ -24,6 +24,7 @@ from typing import Dict, List
 
 import numpy as np
 
+from lora_lab.bench import studies
 from lora_lab.bench import truth as truthbench
 from lora_lab.calibrate.labels import LABELS
 from lora_lab.calibrate.search import choose, next_cells, verdict_table, verdicts_of
@@ -123,13 +124,15 @@ def run(argv: List[str]) -> dict:
     parser.add_argument("--out", default="sweeps/bench")
     parser.add_argument("--subjects", type=lambda s: s.split(","), default=list(truthbench.HELDOUT),
                         help="subjects (shipped names or subject .yaml files); default: the truth benchmark's held-out")
+    parser.add_argument("--jobs", type=int, default=studies.default_jobs(),
+                        help="studies run at once, each on cores/jobs threads (default: 2 with 2 or more cores)")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides for the studies, as bench truth takes them")
     args = parser.parse_args(argv)
     args.cache_dir = str(Path(args.cache_dir).resolve())
     args.root = Path(args.out).resolve() / "truth"  # bench truth's studies, shared
     args.root.mkdir(parents=True, exist_ok=True)
-    sources = truthbench.subject_sources(args.subjects)
-    truthbench.run_studies(args, sources)  # resumes: finished studies are not run again
+    sources = studies.subject_sources(args.subjects)
+    studies.run_studies(args, sources)  # resumes: finished studies are not run again
     from lora_lab.cli import compose
     from lora_lab.toyworld import assets
 

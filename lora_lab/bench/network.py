@@ -27,6 +27,7 @@ from typing import Dict, List
 
 import pandas as pd
 
+from lora_lab.bench import studies
 from lora_lab.bench import truth as truthbench
 
 SUBJECTS = ("sks", "dax", "oka", "tal")  # about 7 minutes each on 2 cores; --subjects takes others
@@ -95,13 +96,15 @@ def run(argv: List[str]) -> dict:
     parser.add_argument("--out", default="sweeps/bench")
     parser.add_argument("--subjects", type=lambda s: s.split(","), default=list(SUBJECTS),
                         help="subjects (shipped names or subject .yaml files), comma-separated")
+    parser.add_argument("--jobs", type=int, default=studies.default_jobs(),
+                        help="studies run at once, each on cores/jobs threads (default: 2 with 2 or more cores)")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides for every study")
     args = parser.parse_args(argv)
     args.cache_dir = str(Path(args.cache_dir).resolve())
     args.root = Path(args.out).resolve() / "network"
     args.root.mkdir(parents=True, exist_ok=True)
-    sources = truthbench.subject_sources(args.subjects)
-    sweep_s = truthbench.run_studies(args, sources, sweep="network")
+    sources = studies.subject_sources(args.subjects)
+    sweep_s = studies.run_studies(args, sources, sweep="network")
     from lora_lab.toyworld import assets
 
     readout = assets.load_readout()

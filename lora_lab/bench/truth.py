@@ -21,9 +21,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
-import time
 from dataclasses import asdict, replace
 from itertools import product
 from pathlib import Path
@@ -32,6 +29,7 @@ from typing import Dict, List, Optional
 import pandas as pd
 
 from lora_lab.bench import truth_rules as gt
+from lora_lab.bench.studies import run_studies, subject_sources
 from lora_lab.bench.truth_checks import leakage_figures, readout_figures, where_readouts_agree
 from lora_lab.bench.truth_pruning import pruning
 from lora_lab.config import JudgeConfig
@@ -59,35 +57,6 @@ MEANING = {"underfit_gain": TRUTH_RULES.underfit_gain, "adherence_drop": TRUTH_R
 
 def _share(hits: int, n: int) -> dict:
     return {"value": round(hits / n, 4) if n else None, "ci95": wilson(hits, n), "n": int(n)}
-
-
-def subject_sources(given: List[str]) -> Dict[str, str]:
-    """Subject label (its file's stem) -> what ``data.subject`` gets: a shipped subject's name,
-    or a subject file's absolute path (``--heldout my_subject.yaml``), each checked here."""
-    out: Dict[str, str] = {}
-    for item in given:
-        path = Path(item)
-        source = str(path.resolve()) if path.suffix in (".yaml", ".yml") else item
-        label = subjects.load(source).name  # a wrong name or a bad file stops here, before any training
-        if label in out:
-            raise SystemExit(f"error: two subjects are named {label!r} ({out[label]}, {source}); rename one file")
-        out[label] = source
-    return out
-
-
-def run_studies(args, sources: Dict[str, str], sweep: str = "truth") -> float:
-    """One ``+sweep=<sweep>`` study per subject, ``<sweep>_<subject>`` (resumed if it exists);
-    returns the seconds spent."""
-    started = time.perf_counter()
-    for name, source in sources.items():
-        cmd = [sys.executable, "-m", "lora_lab.sweep", f"+sweep={sweep}", "model=toyworld", "data=toyworld",
-               f"data.subject={source}", f"sweep.name={sweep}_{name}", f"sweep.root={args.root}",
-               f"sweep.reports={args.root / 'reports'}", f"cache_dir={args.cache_dir}", *args.overrides]
-        print(f"subject {name}: " + " ".join(cmd[2:]), flush=True)
-        rc = subprocess.run(cmd, env={**os.environ, "HF_HUB_OFFLINE": "1"}).returncode
-        if rc != 0:
-            raise SystemExit(f"error: the {sweep} sweep of subject {name} stopped (exit {rc}); its reason is above")
-    return time.perf_counter() - started
 
 
 def collect(root: Path, name: str, cache_dir: Path, readout, source: Optional[str] = None,
