@@ -96,8 +96,9 @@ def run(argv: List[str]) -> dict:
     parser.add_argument("--out", default="sweeps/bench")
     parser.add_argument("--subjects", type=lambda s: s.split(","), default=list(SUBJECTS),
                         help="subjects (shipped names or subject .yaml files), comma-separated")
-    parser.add_argument("--jobs", type=int, default=studies.default_jobs(),
-                        help="studies run at once, each on cores/jobs threads (default: 2 with 2 or more cores)")
+    parser.add_argument("--jobs", type=int, default=1,
+                        help="studies run at once, each on cores/jobs threads (default 1: this benchmark reports "
+                             "training speed, which a study beside it would disturb)")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides for every study")
     args = parser.parse_args(argv)
     args.cache_dir = str(Path(args.cache_dir).resolve())
