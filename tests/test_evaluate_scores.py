@@ -49,7 +49,7 @@ def test_contrastive_adherence_is_clips_zero_shot_over_the_pair(scorer, demo_dir
     rows = scorer.score([real, real, real], [ask, own, ask], ref, [own, ask, None])
     img = scorer.clip.images([real])[0]
     t_ask, t_own = scorer.clip.texts([ask, own])
-    scale = float(scorer.clip.model.logit_scale.exp())
+    scale = float(scorer.clip.model.logit_scale.detach().exp())
     expected = 1 / (1 + math.exp(-scale * float(img @ t_ask - img @ t_own)))
     assert rows[0]["ask_prob"] == pytest.approx(expected, abs=1e-5)
     assert rows[1]["ask_prob"] == pytest.approx(1 - expected, abs=1e-5)
