@@ -181,8 +181,7 @@ def compare(judged: pd.DataFrame, truth: pd.DataFrame, best: Optional[dict]) -> 
             # what the user keeps, as a share of the trial's true best non-overfit cell
             share = float(hit.iloc[0].true_combined / top.true_combined)
             pick_truth = str(hit.iloc[0].true_verdict)
-    confusion = pd.crosstab(cells.true_verdict, cells.verdict).to_dict() if len(cells) else {}
     return {"cells": int(len(cells)), "agreement": agree, "pick_rank": rank, "pick_true_share": share,
             "pick_true_verdict": pick_truth,
             "true_best": None if top is None else {"epoch": int(top.epoch), "strength": float(top.strength)},
-            "confusion": confusion, "table": merged}
+            "table": merged}
