@@ -10,6 +10,7 @@ import pytest
 
 from conftest import run_cli
 from lora_lab.bench import truth as truthbench
+from lora_lab.bench import truth_search
 from lora_lab.bench import truth_pruning
 
 
@@ -45,14 +46,46 @@ def test_calibration_ties_go_to_the_thresholds_that_mean_what_the_truth_means(mo
     # Every candidate judges alike: the tie-break alone chooses. An ask is truly lost below 80%
     # of the base model's share, so ask_drop goes to the candidate nearest 0.2 (0.25), not to
     # the shipped default (0.5); the other thresholds to the truth's own values.
-    cells = pd.DataFrame({"true_verdict": ["good", "overfit"], "verdict": ["good", "good"]})
     seen = []
-    monkeypatch.setattr(truthbench, "judged_cells", lambda trials, cfg: seen.append(cfg) or (cells, []))
-    chosen, search = truthbench.calibrate([])
+    monkeypatch.setattr(truth_search, "keys", lambda trials, cfgs, jobs: seen.append(jobs) or [(0.5, 0.5)] * len(cfgs))
+    monkeypatch.setattr(truthbench, "judged_cells", lambda trials, cfg: (pd.DataFrame(), []))
+    chosen, search = truthbench.calibrate([], jobs=2)
     assert (chosen.ask_drop, chosen.underfit_gain, chosen.adherence_drop) == (0.25, 0.3, 0.2)
     assert (chosen.diversity_drop, chosen.copy_threshold) == (0.5, 0.95)
     assert truthbench.MEANING["ask_drop"] == truthbench.TRUTH_RULES.adherence_drop == 0.2
-    assert search["tried"] == 768 and search["balanced_recall"] == 0.5
+    assert search["tried"] == 768 and search["balanced_recall"] == 0.5 and seen == [2]
+
+
+def _trial(likeness, true_verdicts):
+    """A trial of a base cell and LoRA cells at strength 1 with the given likeness (base 0.2,
+    ceiling 0.8), its truth rows in the reverse order of its aggregated rows."""
+    rows = [{"epoch": 1, "label": "e1", "strength": 0.0, "likeness": 0.2}] + [
+        {"epoch": e, "label": f"e{e}", "strength": 1.0, "likeness": v} for e, v in enumerate(likeness, 1)]
+    agg = pd.DataFrame([{**r, "face_rate": 1.0, "adherence": 28.0, "copy_similarity": 0.5, "copy_reference": "a.png",
+                         "diversity": 0.3} for r in rows])
+    truth = pd.DataFrame([{"epoch": r["epoch"], "label": r["label"], "strength": r["strength"], "true_verdict": v}
+                          for r, v in zip(rows, ["base"] + list(true_verdicts))][::-1])
+    return {"agg": agg, "ceiling": 0.8, "truth": truth}
+
+
+def test_the_threshold_search_counts_each_candidate_alike_on_one_process_or_two():
+    from dataclasses import replace
+
+    from lora_lab.config import JudgeConfig
+
+    # gains 0.1, 0.4, 0.7 and 0.05, 0.5 (of the way from 0.2 to 0.8)
+    trials = [_trial([0.26, 0.44, 0.62], ["underfit", "good", "good"]), _trial([0.23, 0.5], ["underfit", "overfit"])]
+    cfgs = [replace(JudgeConfig(), underfit_gain=g) for g in (0.02, 0.3, 0.45, 0.6, 0.9)]
+    one = truth_search.keys(trials, cfgs, jobs=1)
+    assert truth_search.keys(trials, cfgs, jobs=2) == one  # the same answers, in candidate order
+    # at 0.3: both underfit cells caught (recall 1), both good cells good (1), the overfit cell
+    # called good (0): balanced 2/3, 4 of 5 agree; at 0.02 only the goods are right, at 0.9
+    # only the underfits; at 0.45 the good cell of gain 0.4 is lost
+    assert one[1] == pytest.approx((2 / 3, 4 / 5))
+    assert one[0] == pytest.approx((1 / 3, 2 / 5)) and one[4] == pytest.approx((1 / 3, 2 / 5))
+    assert one[2] == pytest.approx(((1 + 0.5) / 3, 3 / 5))
+    counts = truth_search.confusion([(t["agg"], t["ceiling"], *truth_search.aligned(t)) for t in trials], cfgs[1])
+    assert counts.tolist() == [[2, 0, 0], [0, 2, 0], [0, 1, 0]]  # true by said: underfit, good, overfit
 
 
 def test_the_pruner_replay_feeds_optuna_the_recorded_checks():

@@ -278,7 +278,8 @@ def _truth(argv: List[str]) -> int:
     parser.add_argument("--heldout", type=lambda s: s.split(","), default=list(truthbench.HELDOUT),
                         help="subjects the figures are reported on: shipped names or subject .yaml files, comma-separated")
     parser.add_argument("--jobs", type=int, default=studies.default_jobs(),
-                        help="studies run at once, each on cores/jobs threads (default: 2 with 2 or more cores)")
+                        help="studies run at once, each on cores/jobs threads, and the processes of the threshold "
+                             "search (default: 2 with 2 or more cores)")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides for every study (eval.seeds=[1,2] ...)")
     args = parser.parse_args(argv)
     args.cache_dir = str(Path(args.cache_dir).resolve())

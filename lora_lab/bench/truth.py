@@ -29,6 +29,7 @@ from typing import Dict, List, Optional
 import pandas as pd
 
 from lora_lab.bench import truth_rules as gt
+from lora_lab.bench import truth_search
 from lora_lab.bench.studies import run_studies, subject_sources
 from lora_lab.bench.truth_checks import leakage_figures, readout_figures, where_readouts_agree
 from lora_lab.bench.truth_pruning import pruning
@@ -148,22 +149,19 @@ def figures(cells: pd.DataFrame, picks: List[dict]) -> dict:
     return out
 
 
-def calibrate(trials: List[dict]) -> tuple[JudgeConfig, dict]:
-    """The candidate thresholds with the best balanced recall (ties: agreement) on ``trials``."""
-    best, best_key, tried = None, None, 0
-    for values in product(*CANDIDATES.values()):
-        cfg = replace(TRUTH_RULES, **dict(zip(CANDIDATES, values)))
-        cells, _ = judged_cells(trials, cfg)
-        tried += 1
-        recalls = [(cells[cells.true_verdict == v].verdict == v).mean() for v in VERDICTS
-                   if (cells.true_verdict == v).any()]
+def calibrate(trials: List[dict], jobs: int = 1) -> tuple[JudgeConfig, dict]:
+    """The candidate thresholds with the best balanced recall (ties: agreement) on ``trials``,
+    the candidates judged on ``jobs`` processes."""
+    cfgs = [replace(TRUTH_RULES, **dict(zip(CANDIDATES, values))) for values in product(*CANDIDATES.values())]
+    best, best_key = None, None
+    for cfg, (balanced, agreement) in zip(cfgs, truth_search.keys(trials, cfgs, jobs)):
         # Ties go to the candidate nearest the truth's own bars (MEANING).
         nearest = -sum(abs(getattr(cfg, k) - MEANING[k]) for k in CANDIDATES)
-        key = (sum(recalls) / len(recalls) if recalls else 0.0, (cells.verdict == cells.true_verdict).mean(), nearest)
+        key = (balanced, agreement, nearest)
         if best_key is None or key > best_key:
             best, best_key = cfg, key
     noise, regret = choose_pick_noise(trials, best)
-    return replace(best, pick_noise=noise), {"candidates": CANDIDATES, "tried": tried,
+    return replace(best, pick_noise=noise), {"candidates": CANDIDATES, "tried": len(cfgs),
                                              "balanced_recall": round(best_key[0], 4),
                                              "agreement": round(best_key[1], 4),
                                              "pick_noise": {"candidates": PICK_NOISE, "within_5pct": regret}}
@@ -249,7 +247,7 @@ def run(args) -> dict:
               for part, names in (("calibration", calibration), ("heldout", heldout))}
     if not trials["calibration"] or not trials["heldout"]:
         raise SystemExit("error: a split has no finished trial: there is no figure to report")
-    chosen, search = calibrate(trials["calibration"])
+    chosen, search = calibrate(trials["calibration"], getattr(args, "jobs", 1))
     everything = trials["calibration"] + trials["heldout"]
     # sweep_s is this invocation's (a rerun resumes finished studies); trials_s is what the
     # trials took when they ran.
