@@ -129,6 +129,7 @@ def test_labels_by_click_and_key_survive_reloads_and_rewrites_then_calibrate_rea
 
     from selenium.webdriver.common.action_chains import ActionChains
     from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
 
     from lora_lab.report.study import build_report
 
@@ -155,17 +156,28 @@ def test_labels_by_click_and_key_survive_reloads_and_rewrites_then_calibrate_rea
     cells[2].find_element(By.CSS_SELECTOR, 'button[data-label="underfit"]').click()
     first, second = cells[0].get_attribute("data-cell"), cells[2].get_attribute("data-cell")
 
+    def reads(text):  # a label may reach the page through a storage event: wait for it, up to 10 s
+        WebDriverWait(browser, 10, poll_frequency=0.05).until(lambda b: count() == text,
+                                                             f"the labels bar never read {text!r}")
+        return True
+
     build_report(copy, tmp_path / "reports")  # the report rewritten (as after every trial), then reloaded
     browser.refresh()
-    assert count() == "2 labelled (1 underfit, 0 good, 1 overfit)"
+    assert reads("2 labelled (1 underfit, 0 good, 1 overfit)")
     assert label_of(first) == "overfit" and label_of(second) == "underfit"
+    front = browser.current_window_handle
     trial = first.split("/")[0]
+    browser.switch_to.new_window("tab")  # the trial page beside the front page
     browser.get((index.parent / f"trial_{trial}" / "index.html").as_uri())
     assert label_of(first, "#cells-xy") == "overfit"  # the same cell on its trial page
     other = [c for c in browser.find_elements(By.CSS_SELECTOR, "#cells-xy td[data-cell]")
-             if c.get_attribute("data-cell") not in (first, second)][0]
-    ActionChains(browser).move_to_element(other).send_keys("g").perform()
+             if c.get_attribute("data-cell") not in (first, second)][0].get_attribute("data-cell")
+    ActionChains(browser).move_to_element(browser.find_element(By.CSS_SELECTOR, f'#cells-xy td[data-cell="{other}"]')) \
+        .send_keys("g").perform()
     assert count() == "3 labelled (1 underfit, 1 good, 1 overfit)"
+    browser.close()
+    browser.switch_to.window(front)  # the front page, not reloaded, shows the other tab's label
+    assert reads("3 labelled (1 underfit, 1 good, 1 overfit)")
 
     downloads = tmp_path / "downloads"
     downloads.mkdir()
@@ -180,7 +192,7 @@ def test_labels_by_click_and_key_survive_reloads_and_rewrites_then_calibrate_rea
     got = {(x["trial"], x["epoch"], x["strength"]): x["label"] for x in doc["labels"]}
     assert doc["study"] == "smoke" and all(x["study"] == "smoke" and x["when"] for x in doc["labels"])
     key = lambda k: (int(k.split("/")[0]), int(k.split("/")[1]), float(k.split("/")[2]))  # noqa: E731
-    assert got == {key(first): "overfit", key(second): "underfit", key(other.get_attribute("data-cell")): "good"}
+    assert got == {key(first): "overfit", key(second): "underfit", key(other): "good"}
 
     proc = run_cli([sys.executable, "-m", "lora_lab.calibrate", str(copy), str(saved), "--reports",
                     str(tmp_path / "reports")], cwd=tmp_path)
@@ -188,7 +200,7 @@ def test_labels_by_click_and_key_survive_reloads_and_rewrites_then_calibrate_rea
     assert "3 labels (1 underfit, 1 good, 1 overfit)" in proc.stdout and "cross-validated" in proc.stdout
     assert (copy / "judge.yaml").is_file() and list(copy.glob("trial_*/verdict.before-calibration-*.json"))
     browser.refresh()  # calibrate rewrote the report: the labels stay, the cells to label next are framed
-    assert count() == "3 labelled (1 underfit, 1 good, 1 overfit)"
+    assert reads("3 labelled (1 underfit, 1 good, 1 overfit)")
     nxt = json.loads((copy / "labels_next.json").read_text())["cells"]
     pages = {c["trial"] for c in nxt}
     framed = 0
