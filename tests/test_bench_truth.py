@@ -44,16 +44,16 @@ def test_figures_count_recall_precision_and_picks():
 
 def test_calibration_ties_go_to_the_thresholds_that_mean_what_the_truth_means(monkeypatch):
     # Every candidate judges alike: the tie-break alone chooses. An ask is truly lost below 80%
-    # of the base model's share, so ask_drop goes to the candidate nearest 0.2 (0.25), not to
-    # the shipped default (0.5); the other thresholds to the truth's own values.
+    # of the base model's share, so ask_drop goes to 0.2, not to the shipped default (0.5); the
+    # other thresholds to the truth's own values.
     seen = []
     monkeypatch.setattr(truth_search, "keys", lambda trials, cfgs, jobs: seen.append(jobs) or [(0.5, 0.5)] * len(cfgs))
     monkeypatch.setattr(truthbench, "judged_cells", lambda trials, cfg: (pd.DataFrame(), []))
     chosen, search = truthbench.calibrate([], jobs=2)
-    assert (chosen.ask_drop, chosen.underfit_gain, chosen.adherence_drop) == (0.25, 0.3, 0.2)
+    assert (chosen.ask_drop, chosen.underfit_gain, chosen.adherence_drop) == (0.2, 0.3, 0.2)
     assert (chosen.diversity_drop, chosen.copy_threshold) == (0.5, 0.95)
     assert truthbench.MEANING["ask_drop"] == truthbench.TRUTH_RULES.adherence_drop == 0.2
-    assert search["tried"] == 768 and search["balanced_recall"] == 0.5 and seen == [2]
+    assert search["tried"] == 8 * 6 * 7 * 2 * 2 and search["balanced_recall"] == 0.5 and seen == [2]
 
 
 def _trial(likeness, true_verdicts):

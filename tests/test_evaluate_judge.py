@@ -104,6 +104,17 @@ def test_a_lost_ask_is_seen_against_the_subjects_own_and_said_in_plain_words():
     assert judge(agg, 0.8, JudgeConfig(ask_drop=1.0)).set_index("strength").loc[1.0].verdict == "good"
 
 
+def test_the_pick_weighs_how_likely_the_ask_is_not_the_clip_score():
+    """CLIP's score is 28.0 on every image; the ask's probability is 0.67 against the base
+    model's 0.88, and that ratio is the combined score's adherence term."""
+    kept = judge(aggregate(_contrastive_scores((0.9, 0.7, 0.4)), "person"), 0.8, JudgeConfig(ask_drop=0.5))
+    cell = kept.set_index("strength").loc[1.0]
+    gain, ratio = (0.7 - 0.2) / (0.8 - 0.2), (2.0 / 3) / (2.65 / 3)
+    assert cell.verdict == "good" and math.isclose(cell.combined, gain + ratio, rel_tol=1e-6)
+    same = judge(aggregate(_contrastive_scores((0.9, 0.8, 0.95)), "person"), 0.8, JudgeConfig(ask_drop=0.5))
+    assert math.isclose(same.set_index("strength").loc[1.0].combined, gain + 1.0, rel_tol=1e-6)
+
+
 def test_the_pick_among_near_ties_is_the_gentler_cell():
     """Cells within the seeds' noise of the best: the lower strength, then the earlier epoch."""
     t = pd.DataFrame([_cell(1, 0.0, 0.20, 28.9), _cell(2, 1.5, 0.66, 28.0), _cell(2, 1.0, 0.65, 28.0),

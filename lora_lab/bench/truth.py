@@ -45,7 +45,7 @@ TRUTH_RULES = JudgeConfig()  # what "truly underfit / overfit" means; never tune
 # Judge settings tried on the calibration subjects; 1.0 turns a check off.
 CANDIDATES = {"underfit_gain": [0.1, 0.15, 0.2, 0.25, 0.3, 0.35, 0.4, 0.5],
               "adherence_drop": [0.05, 0.1, 0.15, 0.2, 0.25, 0.3],
-              "ask_drop": [0.25, 0.5, 0.75, 1.0],
+              "ask_drop": [0.1, 0.15, 0.2, 0.25, 0.5, 0.75, 1.0],
               "diversity_drop": [0.5, 1.0], "copy_threshold": [0.95, 1.0]}
 # Where the calibration subjects cannot tell candidates apart (equal balanced recall and
 # agreement), the judge takes the one whose sentence is nearest the truth's own: an ask is

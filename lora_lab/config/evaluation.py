@@ -72,7 +72,9 @@ class JudgeConfig:
         diversity_drop: overfit when diversity across seeds falls more than this fraction
             below the base model's.
         likeness_weight / adherence_weight: the combined score that picks the best cell:
-            likeness_weight * likeness gain + adherence_weight * adherence / base adherence.
+            likeness_weight * likeness gain + adherence_weight * adherence / base adherence
+            (per ask: its probability over the base model's where the suite gives a ``versus``
+            or VQA scored it, else its CLIP score over the base model's; then the mean).
         pick_noise: the best cell is the gentlest (lowest strength, then earliest epoch) of
             the cells whose combined score is within this many standard errors of the
             likeness (across seeds and prompts) of the highest; 0 picks the highest.

@@ -184,13 +184,17 @@ def informative_likeness(agg: pd.DataFrame, ceiling: float, cfg: JudgeConfig) ->
 
 
 def _ask_lost(prompt: str, cell: pd.Series, base: pd.Series, cfg: JudgeConfig) -> tuple[Optional[str], float]:
-    """(why the ask counts as lost or None, the cell's CLIP score relative to the base model's)
+    """(why the ask counts as lost or None, the cell's adherence relative to the base model's)
     for one adaptability prompt: by probability where the suite gives a ``versus`` (or VQA
-    scored it), and by CLIP score for every ask."""
+    scored it), and by CLIP score for every ask. The relative adherence is the probability's
+    ratio where there is one (scale-free, as the truth's share of images that show the ask),
+    else the CLIP score's."""
     a, a0 = cell.get(f"adherence::{prompt}", math.nan), base.get(f"adherence::{prompt}", math.nan)
     ratio = a / a0 if _ok(a) and _ok(a0) and a0 > 0 else math.nan
     p, p0 = cell.get(f"ask::{prompt}", math.nan), base.get(f"ask::{prompt}", math.nan)
     contrastive = _ok(p) and _ok(p0) and p0 > 0
+    if contrastive:  # how likely the ask is, relative to the base model: what the pick weighs
+        ratio = p / p0
     if contrastive and p < (1 - cfg.ask_drop) * p0:
         asked, own = cell[f"asked::{prompt}"], cell[f"own::{prompt}"]
         n, won = int(cell[f"ask_n::{prompt}"]), int(cell[f"ask_won::{prompt}"])
@@ -272,7 +276,8 @@ def rung(overfit: bool, gain: float, cfg: JudgeConfig) -> str:
 
 def combined_score(gain: float, adherence_ratio: float, cfg: JudgeConfig, rate: float = 1.0) -> float:
     """The score a pick ranks by: weighted likeness gain (0 when unmeasured; times the share of
-    images with a detected face) plus weighted adherence relative to the base model."""
+    images with a detected face) plus weighted adherence relative to the base model (the asks'
+    probability ratio where a ``versus`` or VQA gives one, else the CLIP score ratio)."""
     return cfg.likeness_weight * (gain if _ok(gain) else 0.0) * rate + cfg.adherence_weight * adherence_ratio
 
 
