@@ -40,7 +40,7 @@ from lora_lab.toyworld import assets, subjects
 
 CALIBRATION = ("sks", "vek", "mox")
 HELDOUT = ("qor", "lum", "dax", "ryn", "tal", "oka")
-VERDICTS = ("underfit", "good", "overfit")
+VERDICTS = gt.VERDICTS
 TRUTH_RULES = JudgeConfig()  # what "truly underfit / overfit" means; never tuned
 # Judge settings tried on the calibration subjects; 1.0 turns a check off.
 CANDIDATES = {"underfit_gain": [0.1, 0.15, 0.2, 0.25, 0.3, 0.35, 0.4, 0.5],

@@ -17,7 +17,7 @@ from typing import Callable, List
 
 import pandas as pd
 
-VERDICTS = ("underfit", "good", "overfit")
+from lora_lab.bench.truth_rules import VERDICTS
 
 
 def readout_figures(trials: List[dict]) -> dict:

@@ -31,6 +31,7 @@ from lora_lab.toyworld import assets
 from lora_lab.toyworld.subjects import Subject
 
 CELL = ["epoch", "label", "strength"]
+VERDICTS = ("underfit", "good", "overfit")  # a LoRA cell's verdicts, in the order figures list them
 
 
 def identity_match(seen: dict, identity: Dict[str, object]) -> float:

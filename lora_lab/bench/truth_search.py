@@ -19,7 +19,7 @@ from lora_lab.bench import truth_rules as gt
 from lora_lab.config import JudgeConfig
 from lora_lab.evaluate.judge import judge
 
-VERDICTS = ("underfit", "good", "overfit")
+VERDICTS = gt.VERDICTS
 
 
 def aligned(trial: dict) -> Tuple[np.ndarray, np.ndarray]:
