@@ -11,6 +11,7 @@ import pytest
 from conftest import run_cli
 from lora_lab.bench import truth as truthbench
 from lora_lab.bench import truth_search
+from lora_lab.bench import truth_checks
 from lora_lab.bench import truth_pruning
 
 
@@ -40,6 +41,40 @@ def test_figures_count_recall_precision_and_picks():
     by = truthbench.figures(cells.assign(subject=["a", "a", "a", "b", "b", "b"]), picks)["by_subject"]
     assert by["a"]["value"] == pytest.approx(2 / 3, abs=1e-4) and by["b"]["value"] == pytest.approx(2 / 3, abs=1e-4)
     assert by["a"]["n"] == 3 and list(by) == ["a", "b"]
+
+
+def _truth_table(a_verdicts, a_combined, b_verdicts, b_combined):
+    """A trial's truth: the base cell and one LoRA cell per value, epochs 1.., strength 1."""
+    n = len(a_verdicts)
+    return pd.DataFrame({"epoch": [0] + list(range(1, n + 1)), "label": ["base"] + [f"e{i}" for i in range(1, n + 1)],
+                         "strength": [0.0] + [1.0] * n,
+                         "true_verdict": ["base"] + a_verdicts, "true_combined": [float("nan")] + a_combined,
+                         "true_verdict_b": ["base"] + b_verdicts, "true_combined_b": [float("nan")] + b_combined})
+
+
+def test_the_second_read_out_is_scored_as_a_judge_against_the_first():
+    trials = [  # B picks epoch 1 (its best), 1.9 of A's 2.0: within 5%; one verdict parts
+        {"subject": "a", "trial": "trial_0",
+         "truth": _truth_table(["good", "good", "underfit"], [1.9, 2.0, 1.1],
+                               ["good", "good", "good"], [2.0, 1.8, 1.2])},
+        # B's best (epoch 2) is truly overfit for A: a miss; A's best non-overfit is epoch 1
+        {"subject": "b", "trial": "trial_0",
+         "truth": _truth_table(["good", "overfit", "good"], [1.8, 2.2, 1.5],
+                               ["good", "good", "good"], [1.5, 2.0, 1.9])},
+        # ties in B's score go to the earliest epoch (as the judge's pick): epoch 1, 1.5 of A's 2.0
+        {"subject": "b", "trial": "trial_1",
+         "truth": _truth_table(["good", "good"], [1.5, 2.0], ["good", "good"], [1.7, 1.7])}]
+    f = truth_checks.second_readout_as_judge(trials, truthbench.figures)
+    assert f["cells"] == 8 and f["trials"] == 3
+    assert f["agreement"]["value"] == pytest.approx(6 / 8, abs=1e-4)  # a's epoch 3 and b's epoch 2 part
+    assert f["recall"]["overfit"]["value"] == 0.0 and f["recall"]["underfit"]["value"] == 0.0
+    assert f["picks_regret"]["within_5pct"]["value"] == pytest.approx(1 / 3, abs=1e-4)
+    assert f["picks_regret"]["worst_share"] == 0.75
+    assert [(m["subject"], m["trial"], m["pick"]["epoch"], m["pick_true_verdict"]) for m in f["picks_missed"]] == \
+        [("b", "trial_0", 2, "overfit"), ("b", "trial_1", 1, "good")]
+    assert f["by_subject"]["a"]["value"] == pytest.approx(2 / 3, abs=1e-4)
+    assert truth_checks.second_readout_as_judge([{"subject": "a", "trial": "t", "truth": trials[0]["truth"].drop(
+        columns=["true_combined_b"])}], truthbench.figures) == {}  # one read-out only: no figure
 
 
 def test_calibration_ties_go_to_the_thresholds_that_mean_what_the_truth_means(monkeypatch):
@@ -141,6 +176,9 @@ def test_a_small_truth_run_writes_every_documented_key(tmp_path):
         shares = doc["readouts"][where]["by_attribute"]
         assert set(shares) >= {"hair_colour", "hair_style", "background"} and all(0 <= v <= 1 for v in shares.values())
     assert doc["readouts"]["lora_renders"]["images"] == 2 * 2 * 2 * 5 * 2  # subjects x trials x epochs x prompts x seeds
+    second = doc["heldout"]["second_readout_as_judge"]  # the truth's resolution, beside lora_lab's figures
+    assert second["cells"] == 4 and second["picks_regret"]["within_5pct"]["n"] == 2
+    assert 0 <= second["agreement"]["value"] <= 1 and "second read-out as if it were a judge" in proc.stdout
     agree = doc["heldout"]["where_readouts_agree"]
     assert agree["cells"] + agree["cells_where_readouts_part"] == 4
     leak = doc["heldout"]["leakage"]  # dax's drawings share one uncaptioned yellow background
@@ -176,3 +214,4 @@ def test_a_study_that_fails_stops_the_benchmark_with_its_own_output(tmp_path):
     assert "error: the no_such_sweep sweep of subject" in message and "stopped (exit 1)" in message
     assert "Could not find 'sweep/no_such_sweep'" in message.split("error: the")[0]  # the study's own output, above
     assert (tmp_path / "no_such_sweep_sks.log").exists()
+

@@ -5,7 +5,10 @@ benchmark beside its verdict figures.
   reads every image too. Per attribute, how often the two read the same thing on the training
   drawings, on the base model's renders and on LoRA renders (blurrier, carrying the training
   drawings' look); and per split, how many cells' true verdicts change with the read-out and
-  the verdict figures on the cells where both read-outs give the same true verdict.
+  the verdict figures on the cells where both read-outs give the same true verdict; and the
+  second read-out's own true verdicts and best cells scored as if it were a judge
+  (``second_readout_as_judge``): how closely two read-outs of the same images agree, the
+  resolution of the truth that the verdict and pick targets are measured with.
 - ``leakage``: cells where the training drawings' uncaptioned background shows in prompts that
   ask for no background, more than ``adherence_drop`` more often than on the base model
   (:func:`truth_rules.training_context`), and what lora_lab called them.
@@ -17,6 +20,7 @@ from typing import Callable, List
 
 import pandas as pd
 
+from lora_lab.bench import truth_rules as gt
 from lora_lab.bench.truth_rules import VERDICTS
 
 
@@ -51,6 +55,37 @@ def where_readouts_agree(cells: pd.DataFrame, picks: List[dict], figures: Callab
     out["parted_as"] = {f"{a} / {b}": int(n) for (a, b), n in
                         parted.groupby(["true_verdict", "true_verdict_b"]).size().items()}
     return out
+
+
+def second_readout_as_judge(trials: List[dict], figures: Callable) -> dict:
+    """The second read-out's true verdicts and picks (its best non-overfit cell by its own true
+    combined score; ties: the earliest epoch, then the lowest strength, as the judge's pick)
+    scored against the first read-out's truth like lora_lab's: agreement, recall and
+    ``picks_regret`` on the same images, a judge that reads the images about as well as the
+    truth does."""
+    have = [t for t in trials if "true_combined_b" in t["truth"]]
+    if not have:
+        return {}
+    tables, picks = [], []
+    for t in have:
+        truth = t["truth"]
+        judged = truth[gt.CELL].assign(verdict=truth.true_verdict_b)
+        pool = truth[(truth.strength != 0) & (truth.true_verdict_b != "overfit")]
+        best = None
+        if len(pool):
+            top = pool.sort_values(["true_combined_b", "epoch", "strength"], ascending=[False, True, True]).iloc[0]
+            best = {"epoch": int(top.epoch), "strength": float(top.strength)}
+        result = gt.compare(judged, truth, best)
+        table = result["table"]
+        tables.append(table[table.strength != 0].assign(subject=t["subject"], trial=t["trial"]))
+        picks.append({"subject": t["subject"], "trial": t["trial"], "pick": best, "rank": result["pick_rank"],
+                      "true_share": result["pick_true_share"], "pick_true_verdict": result["pick_true_verdict"]})
+    out = figures(pd.concat(tables, ignore_index=True), picks)
+    keep = ("cells", "trials", "agreement", "recall", "picks_in_true_top3", "picks_regret", "by_subject")
+    return {**{k: out[k] for k in keep if k in out},
+            "picks_missed": [{k: p[k] for k in ("subject", "trial", "pick", "true_share", "pick_true_verdict")}
+                             for p in picks if not (p["true_share"] is not None and p["true_share"] >= 0.95
+                                                    and p["pick_true_verdict"] != "overfit")]}
 
 
 def leakage_figures(cells: pd.DataFrame, trials: List[dict]) -> dict:
