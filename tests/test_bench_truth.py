@@ -176,6 +176,7 @@ def test_a_small_truth_run_writes_every_documented_key(tmp_path):
         shares = doc["readouts"][where]["by_attribute"]
         assert set(shares) >= {"hair_colour", "hair_style", "background"} and all(0 <= v <= 1 for v in shares.values())
     assert doc["readouts"]["lora_renders"]["images"] == 2 * 2 * 2 * 5 * 2  # subjects x trials x epochs x prompts x seeds
+    assert doc["reading_while_studies_s"] >= 0 and doc["sweep_s"] >= doc["reading_while_studies_s"]
     second = doc["heldout"]["second_readout_as_judge"]  # the truth's resolution, beside lora_lab's figures
     assert second["cells"] == 4 and second["picks_regret"]["within_5pct"]["n"] == 2
     assert 0 <= second["agreement"]["value"] <= 1 and "second read-out as if it were a judge" in proc.stdout
@@ -215,3 +216,47 @@ def test_a_study_that_fails_stops_the_benchmark_with_its_own_output(tmp_path):
     assert "Could not find 'sweep/no_such_sweep'" in message.split("error: the")[0]  # the study's own output, above
     assert (tmp_path / "no_such_sweep_sks.log").exists()
 
+
+def test_work_that_can_start_early_runs_while_the_last_study_leaves_a_core_free(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    from lora_lab.bench import studies
+
+    polls = {"a": 2, "b": 30, "c": 5}  # b runs longest: c starts when a is done, then only b is left
+    events = []
+
+    class FakeStudy:
+        threads = "2"  # 4 cores, 2 jobs
+
+        def __init__(self, cmd, env, stdout=None, stderr=None):
+            self.name = next(a.split("=", 1)[1] for a in cmd if a.startswith("data.subject="))
+            self.left = polls[self.name]
+            assert env.get("OMP_NUM_THREADS") == self.threads
+            events.append(("start", self.name))
+
+        def poll(self):
+            self.left -= 1
+            return 0 if self.left <= 0 else None
+
+    def on_idle(finished, threads):
+        events.append(("idle", tuple(finished), threads))
+        return len([e for e in events if e[0] == "idle"]) < 3  # three pieces of work, then nothing
+
+    monkeypatch.setattr(studies.subprocess, "Popen", FakeStudy)
+    monkeypatch.setattr(studies.time, "sleep", lambda s: None)
+    monkeypatch.setattr(studies.os, "cpu_count", lambda: 4)
+    args = SimpleNamespace(root=tmp_path, cache_dir=str(tmp_path / "cache"), overrides=[], jobs=2)
+    studies.run_studies(args, {"a": "a", "b": "b", "c": "c"}, on_idle=on_idle)
+    idle = [e for e in events if e[0] == "idle"]
+    # never while a study waits to start; first after c is done (b still running), with one job's cores
+    assert events.index(idle[0]) > events.index(("start", "c"))
+    assert idle[0] == ("idle", ("a", "c"), 2)
+    assert len(idle) == 3  # asked until it says nothing is left; b is still running then
+    assert all(e[1] == ("a", "c") for e in idle)
+    ran_alone = SimpleNamespace(root=tmp_path, cache_dir=str(tmp_path / "cache"), overrides=[], jobs=1)
+    events.clear()
+    polls.update(a=2, b=3, c=2)
+    monkeypatch.setenv("OMP_NUM_THREADS", "7")
+    FakeStudy.threads = "7"  # one job: the study gets the environment's threads, and no core is ever free
+    studies.run_studies(ran_alone, {"a": "a", "b": "b"}, on_idle=on_idle)
+    assert not [e for e in events if e[0] == "idle"]

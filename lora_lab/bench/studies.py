@@ -15,7 +15,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Dict, List
+from typing import Callable, Dict, List, Optional
 
 from lora_lab.toyworld import subjects
 
@@ -39,19 +39,30 @@ def subject_sources(given: List[str]) -> Dict[str, str]:
     return out
 
 
-def run_studies(args, sources: Dict[str, str], sweep: str = "truth") -> float:
+def run_studies(args, sources: Dict[str, str], sweep: str = "truth",
+                on_idle: Optional[Callable[[List[str], int], bool]] = None) -> float:
     """One ``+sweep=<sweep>`` study per subject, ``<sweep>_<subject>`` (resumed if it exists),
     ``args.jobs`` at a time (each with the cores / jobs threads; with more than one job each
-    study's output goes to ``<root>/<sweep>_<subject>.log``); returns the seconds spent."""
+    study's output goes to ``<root>/<sweep>_<subject>.log``); returns the seconds spent.
+
+    ``on_idle(finished, threads)``: work that can start before every study is done, called
+    while the last studies run and a job's cores would otherwise wait (``finished``: the
+    subjects done so far, in order; ``threads``: the cores free for it). It does one piece
+    and says whether more is left; it is asked again when another study finishes."""
     jobs = max(1, min(int(getattr(args, "jobs", 1) or 1), len(sources)))
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    threads = max(1, (os.cpu_count() or 1) // jobs)
     if jobs > 1:
-        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // jobs))
+        env["OMP_NUM_THREADS"] = str(threads)
     started = time.perf_counter()
     pending = list(sources.items())
     running: Dict[str, tuple] = {}
+    finished: List[str] = []
+    more = on_idle is not None
     try:
         while pending or running:
+            if more and not pending and running and len(running) < jobs:
+                more = on_idle(list(finished), (jobs - len(running)) * threads)
             while pending and len(running) < jobs:
                 name, source = pending.pop(0)
                 cmd = [sys.executable, "-m", "lora_lab.sweep", f"+sweep={sweep}", "model=toyworld", "data=toyworld",
@@ -81,6 +92,8 @@ def run_studies(args, sources: Dict[str, str], sweep: str = "truth") -> float:
                         tail = "\n".join(lines[-25:]) + "\n"
                     raise SystemExit(f"{tail}error: the {sweep} sweep of subject {name} stopped (exit {rc}); "
                                      f"its reason is above" + (f" (whole output: {handle.name})" if handle else ""))
+                finished.append(name)
+                more = on_idle is not None
                 print(f"subject {name}: done in {time.perf_counter() - t0:.0f} s", flush=True)
     finally:
         for proc, handle, _ in running.values():  # a failure or Ctrl-C: stop the others too

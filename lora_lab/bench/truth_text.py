@@ -15,7 +15,8 @@ def _pct(share: dict) -> str:
 def text(r: dict) -> str:
     th = r["thresholds"]
     lines = ["", "truth benchmark: lora_lab's verdicts (the toy world's CLIP) against the read-out's ground truth",
-             f"sweeps: {r['sweep_s']:.0f} s now, the trials took {r['trials_s']:.0f} s; calibration subjects "
+             f"sweeps: {r['sweep_s']:.0f} s now ({r.get('reading_while_studies_s', 0):.0f} s of it reading finished "
+             f"studies on cores the last ones left free), the trials took {r['trials_s']:.0f} s; calibration subjects "
              f"{', '.join(r['split']['calibration'])}; "
              f"held out {', '.join(r['split']['heldout'])}",
              f"thresholds chosen on calibration ({th['search']['tried']} candidates): underfit_gain "
