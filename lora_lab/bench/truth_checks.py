@@ -22,6 +22,7 @@ import pandas as pd
 
 from lora_lab.bench import truth_rules as gt
 from lora_lab.bench.truth_rules import VERDICTS
+from lora_lab.evaluate.judge import best_cell
 
 
 def readout_figures(trials: List[dict]) -> dict:
@@ -59,7 +60,7 @@ def where_readouts_agree(cells: pd.DataFrame, picks: List[dict], figures: Callab
 
 def second_readout_as_judge(trials: List[dict], figures: Callable) -> dict:
     """The second read-out's true verdicts and picks (its best non-overfit cell by its own true
-    combined score; ties: the earliest epoch, then the lowest strength, as the judge's pick)
+    combined score, chosen by the judge's own :func:`best_cell`, without a tie margin)
     scored against the first read-out's truth like lora_lab's: agreement, recall and
     ``picks_regret`` on the same images, a judge that reads the images about as well as the
     truth does."""
@@ -70,11 +71,8 @@ def second_readout_as_judge(trials: List[dict], figures: Callable) -> dict:
     for t in have:
         truth = t["truth"]
         judged = truth[gt.CELL].assign(verdict=truth.true_verdict_b)
-        pool = truth[(truth.strength != 0) & (truth.true_verdict_b != "overfit")]
-        best = None
-        if len(pool):
-            top = pool.sort_values(["true_combined_b", "epoch", "strength"], ascending=[False, True, True]).iloc[0]
-            best = {"epoch": int(top.epoch), "strength": float(top.strength)}
+        top = best_cell(truth.assign(verdict=truth.true_verdict_b, combined=truth.true_combined_b))
+        best = None if top is None else {"epoch": int(top.epoch), "strength": float(top.strength)}
         result = gt.compare(judged, truth, best)
         table = result["table"]
         tables.append(table[table.strength != 0].assign(subject=t["subject"], trial=t["trial"]))
