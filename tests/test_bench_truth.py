@@ -91,6 +91,28 @@ def test_calibration_ties_go_to_the_thresholds_that_mean_what_the_truth_means(mo
     assert search["tried"] == 8 * 6 * 7 * 2 * 2 and search["balanced_recall"] == 0.5 and seen == [2]
 
 
+def test_the_default_run_judges_with_the_shipped_thresholds_and_full_says_where_it_chose_otherwise():
+    from dataclasses import replace
+
+    from pathlib import Path
+
+    from omegaconf import OmegaConf
+
+    shipped = OmegaConf.load(Path(__file__).resolve().parent.parent / "conf" / "model" / "toyworld.yaml").eval.judge
+    cfg, record = truthbench.thresholds_record(None)  # the default run: nothing searched
+    for key in ("underfit_gain", "adherence_drop", "ask_drop", "pick_noise", "diversity_drop", "copy_threshold"):
+        assert getattr(cfg, key) == shipped[key] == record[key]
+    assert record["source"].startswith("shipped") and "search" not in record
+    # what differs from the real-model defaults is only what the calibration search chooses
+    searched = set(truthbench.CANDIDATES) | {"pick_noise"}
+    assert replace(truthbench.TRUTH_RULES, **{k: getattr(cfg, k) for k in searched}) == cfg
+    _, same = truthbench.thresholds_record((cfg, {"tried": 1}))
+    assert same["same_as_shipped"] and same["differ_from_shipped"] == {} and same["search"] == {"tried": 1}
+    _, other = truthbench.thresholds_record((replace(cfg, underfit_gain=0.3), {"tried": 1}))
+    assert not other["same_as_shipped"] and other["underfit_gain"] == 0.3
+    assert other["differ_from_shipped"] == {"underfit_gain": {"chosen": 0.3, "shipped": 0.5}}
+
+
 def _trial(likeness, true_verdicts):
     """A trial of a base cell and LoRA cells at strength 1 with the given likeness (base 0.2,
     ceiling 0.8), its truth rows in the reverse order of its aggregated rows."""
@@ -167,6 +189,8 @@ def test_a_small_truth_run_writes_every_documented_key(tmp_path):
         shares = [pick["true_share"] for pick in f["picks"] if pick["true_share"] is not None]
         assert all(x >= 0 for x in shares)  # a share of the trial's true best
     assert {"underfit_gain", "adherence_drop", "diversity_drop", "copy_threshold"} <= set(doc["thresholds"])
+    assert doc["run"] == "full" and doc["thresholds"]["source"] == "chosen on the calibration subjects"
+    assert doc["thresholds"]["same_as_shipped"] == (doc["thresholds"]["differ_from_shipped"] == {})
     assert set(doc["pruning"]) >= {"spearman_by_epoch", "pruners"}
     now = doc["pruning"]["pruners"]["heldout"]["25th percentile, 1 warm-up epoch"]
     assert set(now) >= {"trial_epochs_saved", "true_best_pruned"}
@@ -201,6 +225,25 @@ def test_a_small_truth_run_writes_every_documented_key(tmp_path):
     for name in ("sks", "mydax"):  # two studies at once, each one's output in its own file
         assert f"study truth_{name}:" in (out / "truth" / f"truth_{name}.log").read_text()
         assert f"subject {name}: done in" in proc.stdout
+
+    # The default run: the held-out study only (here resumed, not trained again), judged with
+    # the shipped thresholds; no calibration figures
+    proc = run_cli(
+        [sys.executable, "-m", "lora_lab.bench", "truth", "--out", str(out), "--heldout", str(mine),
+         "--cache-dir", str(tmp_path / "cache"),
+         "sweep.variants={a:{train.learning_rate:1e-3},b:{train.learning_rate:1e-2}}",
+         "sweep.fixed={train.epochs:2,data.repeats:1,data.validation_split:0.25}",
+         "eval.seeds=[1,2]", "eval.steps=4", "eval.strengths=[0,1]"], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    default = json.loads((out / "truth.json").read_text())
+    assert default["run"] == "default" and "calibration" not in default and default["split"]["calibration"] == []
+    assert default["thresholds"]["source"].startswith("shipped") and default["thresholds"]["underfit_gain"] == 0.5
+    assert default["heldout"]["cells"] == 4 and default["validation_loss"]["trials"] == 2
+    assert list(default["pruning"]["pruners"]) == ["heldout"]
+    assert set(pd.read_csv(out / "truth" / "truth_cells.csv").split) == {"heldout"}
+    assert "thresholds shipped with the toy world" in proc.stdout and "subject sks" not in proc.stdout
+    if doc["thresholds"]["same_as_shipped"]:  # the same thresholds judge the same stored images alike
+        assert default["heldout"]["agreement"] == doc["heldout"]["agreement"]
 
 
 def test_a_study_that_fails_stops_the_benchmark_with_its_own_output(tmp_path):

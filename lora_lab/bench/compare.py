@@ -270,11 +270,16 @@ def _truth(argv: List[str]) -> int:
 
     parser = argparse.ArgumentParser(prog="python -m lora_lab.bench truth",
                                      description="lora_lab's verdicts, picks and pruning against the toy world's "
-                                                 "truth, thresholds chosen on calibration subjects")
+                                                 "truth on held-out subjects, with the toy world's shipped thresholds "
+                                                 "(--full: chosen again on calibration subjects)")
     parser.add_argument("--cache-dir", default="sweeps/.cache")
     parser.add_argument("--out", default="sweeps/bench")
-    parser.add_argument("--calibration", type=lambda s: s.split(","), default=list(truthbench.CALIBRATION),
-                        help="subjects the thresholds are chosen on: shipped names or subject .yaml files, comma-separated")
+    parser.add_argument("--full", action="store_true",
+                        help="also run the calibration subjects' studies and choose the thresholds on them (about half "
+                             "as long again), saying whether the shipped thresholds come out")
+    parser.add_argument("--calibration", type=lambda s: s.split(","), default=None,
+                        help="subjects the thresholds are chosen on (implies --full): shipped names or subject .yaml "
+                             f"files, comma-separated; default with --full: {','.join(truthbench.CALIBRATION)}")
     parser.add_argument("--heldout", type=lambda s: s.split(","), default=list(truthbench.HELDOUT),
                         help="subjects the figures are reported on: shipped names or subject .yaml files, comma-separated")
     parser.add_argument("--jobs", type=int, default=studies.default_jobs(),

@@ -13,6 +13,12 @@ epoch evaluated, no pruning), then:
 4. the validation loss's pick of an epoch is compared with the true best epoch;
 5. ``disagreements.html`` shows every cell where lora_lab and the read-out part, with images.
 
+By default only the held-out subjects' studies run, judged with the thresholds the toy world
+ships (``conf/model/toyworld.yaml``: what a ``--full`` run chose); ``--full`` (or
+``--calibration``) also runs the calibration subjects' studies and chooses the thresholds
+again (step 2), and says whether it chose the shipped ones. The held-out figures are the same
+either way when it does.
+
 The figures land in ``<out>/truth.json`` (keys documented in the README), the studies, every
 cell's two verdicts and the disagreements page in ``<out>/truth/``.
 """
@@ -261,7 +267,7 @@ class Reading:
             if todo:
                 self._collect(todo[0])
                 return True
-            if self.chosen is None and all(n in self.trials for n in self.calibration):
+            if self.calibration and self.chosen is None and all(n in self.trials for n in self.calibration):
                 self.chosen = self._calibrate(threads)
             return False
         finally:
@@ -275,42 +281,70 @@ class Reading:
         return calibrate(cal, jobs)
 
     def finish(self, calibration: List[str], heldout: List[str], jobs: int) -> tuple:
-        """({split: trials}, (chosen thresholds, search)) once every study is done."""
+        """({split: trials}, (chosen thresholds, search) or None without calibration subjects)
+        once every study is done."""
         for name in list(calibration) + list(heldout):
             if name not in self.trials:
                 self._collect(name)
         trials = {part: [t for n in names for t in self.trials[n]]
-                  for part, names in (("calibration", calibration), ("heldout", heldout))}
-        if not trials["calibration"] or not trials["heldout"]:
+                  for part, names in (("calibration", calibration), ("heldout", heldout)) if names}
+        if not all(trials.values()) or "heldout" not in trials:
             raise SystemExit("error: a split has no finished trial: there is no figure to report")
+        if not calibration:
+            return trials, None
         return trials, self.chosen or self._calibrate(jobs)
+
+
+def shipped_thresholds() -> JudgeConfig:
+    """The judge ``model=toyworld`` ships (conf/model/toyworld.yaml), which the studies ran with."""
+    from lora_lab.cli import compose
+
+    return compose(["model=toyworld", "data=toyworld"]).eval.judge
+
+
+def thresholds_record(chosen: Optional[tuple]) -> tuple[JudgeConfig, dict]:
+    """The thresholds to judge with and how they came: the shipped ones, or those chosen on
+    calibration with where they differ from the shipped ones."""
+    shipped = shipped_thresholds()
+    if chosen is None:
+        return shipped, {**asdict(shipped), "source": "shipped (conf/model/toyworld.yaml); --full chooses them"}
+    cfg, search = chosen
+    differ = {k: {"chosen": v, "shipped": getattr(shipped, k)} for k, v in asdict(cfg).items()
+              if v != getattr(shipped, k)}
+    return cfg, {**asdict(cfg), "search": search, "source": "chosen on the calibration subjects",
+                 "same_as_shipped": not differ, "differ_from_shipped": differ}
 
 
 def run(args) -> dict:
     """The whole benchmark; writes truth.json and prints its figures."""
     args.root = Path(args.out).resolve() / "truth"  # the studies; truth.json goes beside the folder
     args.root.mkdir(parents=True, exist_ok=True)
-    sources = subject_sources(list(args.calibration) + list(args.heldout))
-    calibration = list(subject_sources(list(args.calibration)))
+    full = bool(getattr(args, "full", False) or getattr(args, "calibration", None))
+    asked = list(getattr(args, "calibration", None) or CALIBRATION) if full else []
+    sources = subject_sources(asked + list(args.heldout))
+    calibration = list(subject_sources(asked)) if asked else []
     heldout = list(subject_sources(list(args.heldout)))
     if set(calibration) & set(heldout):
         raise SystemExit(f"error: {sorted(set(calibration) & set(heldout))[0]!r} is both a calibration and a "
                          "held-out subject; a held-out figure needs subjects no choice looked at")
     reading = Reading(args.root, Path(args.cache_dir), sources, calibration)
     sweep_s = run_studies(args, sources, on_idle=reading.step)
-    trials, (chosen, search) = reading.finish(calibration, heldout, getattr(args, "jobs", 1))
+    trials, searched = reading.finish(calibration, heldout, getattr(args, "jobs", 1))
+    chosen, thresholds = thresholds_record(searched)
     split = {n: "calibration" for n in calibration} | {n: "heldout" for n in heldout}
-    everything = trials["calibration"] + trials["heldout"]
+    parts = [part for part in ("calibration", "heldout") if part in trials]
+    everything = [t for part in parts for t in trials[part]]
     # sweep_s is this invocation's (a rerun resumes finished studies), reading_while_studies_s
     # the reading and calibration done in it on cores the last studies left free; trials_s is
     # what the trials took when they ran.
-    result = {"sweep_s": round(sweep_s, 1), "reading_while_studies_s": round(reading.busy_s, 1),
+    result = {"run": "full" if full else "default",
+              "sweep_s": round(sweep_s, 1), "reading_while_studies_s": round(reading.busy_s, 1),
               "trials_s": round(sum(t["duration_s"] for t in everything), 1),
               "split": {"calibration": calibration, "heldout": heldout},
               "truth_rules": {"underfit_gain": TRUTH_RULES.underfit_gain, "adherence_drop": TRUTH_RULES.adherence_drop},
-              "thresholds": {**asdict(chosen), "search": search}}
+              "thresholds": thresholds}
     all_cells, all_picks = [], []
-    for part in ("calibration", "heldout"):
+    for part in parts:
         cells, picks = judged_cells(trials[part], chosen)
         result[part] = figures(cells, picks)
         result[part]["picks"] = picks

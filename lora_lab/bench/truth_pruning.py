@@ -110,7 +110,7 @@ def pruning(trials: List[dict], cfg: JudgeConfig, cells: pd.DataFrame, split: Di
             str(e): _spearman([values[label][t["trial_key"]][e] for t in trials if e in values[label][t["trial_key"]]],
                               [finals[t["trial_key"]] for t in trials if e in values[label][t["trial_key"]]])
             for e in epochs}
-    for part in ("calibration", "heldout"):
+    for part in [p for p in ("calibration", "heldout") if p in split.values()]:
         studies = {}
         for t in trials:
             if split[t["subject"]] == part:

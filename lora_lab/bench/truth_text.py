@@ -14,17 +14,22 @@ def _pct(share: dict) -> str:
 
 def text(r: dict) -> str:
     th = r["thresholds"]
+    full = bool(r["split"]["calibration"])
     lines = ["", "truth benchmark: lora_lab's verdicts (the toy world's CLIP) against the read-out's ground truth",
              f"sweeps: {r['sweep_s']:.0f} s now ({r.get('reading_while_studies_s', 0):.0f} s of it reading finished "
-             f"studies on cores the last ones left free), the trials took {r['trials_s']:.0f} s; calibration subjects "
-             f"{', '.join(r['split']['calibration'])}; "
-             f"held out {', '.join(r['split']['heldout'])}",
-             f"thresholds chosen on calibration ({th['search']['tried']} candidates): underfit_gain "
-             f"{th['underfit_gain']:g}, adherence_drop {th['adherence_drop']:g}, ask_drop "
+             f"studies on cores the last ones left free), the trials took {r['trials_s']:.0f} s; "
+             + (f"calibration subjects {', '.join(r['split']['calibration'])}; " if full else "")
+             + f"held out {', '.join(r['split']['heldout'])}",
+             (f"thresholds chosen on calibration ({th['search']['tried']} candidates" + (
+                 ", the shipped ones" if th["same_as_shipped"] else ", NOT the shipped ones: " + ", ".join(
+                     f"{k} {d['chosen']} (shipped {d['shipped']})" for k, d in th["differ_from_shipped"].items()))
+              if full else "thresholds shipped with the toy world (conf/model/toyworld.yaml; --full chooses them again "
+                           "on the calibration subjects")
+             + f"): underfit_gain {th['underfit_gain']:g}, adherence_drop {th['adherence_drop']:g}, ask_drop "
              f"{'off' if th['ask_drop'] >= 1 else th['ask_drop']}, pick_noise {th['pick_noise']:g}, diversity check "
              f"{'off' if th['diversity_drop'] >= 1 else th['diversity_drop']}, copy check "
              f"{'off' if th['copy_threshold'] >= 1 else th['copy_threshold']}"]
-    for part in ("heldout", "calibration"):
+    for part in [p for p in ("heldout", "calibration") if p in r]:
         f = r[part]
         lines += ["", f"{part} ({f['trials']} trials, {f['cells']} cells), 95% intervals:",
                   f"  agreement {_pct(f['agreement'])} (target 90%)",
