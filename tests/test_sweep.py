@@ -81,6 +81,19 @@ def test_a_table_on_the_command_line_replaces_the_sweep_files_table():
     assert "did you mean train.text_encoder_lr" in proc.stderr.strip().splitlines()[-1]
 
 
+def test_the_command_line_wins_over_the_sweep_files_fixed_but_not_over_what_a_trial_sweeps(tmp_path):
+    plain = sweep.trial_config(compose(["+sweep=truth"]), {"variant": "light"}, tmp_path / "t")
+    assert plain.eval.seeds == [1, 2, 3] and plain.train.epochs == 6  # the file's fixed values
+    cfg = compose(["+sweep=truth", "eval.seeds=[1,2,3,4,5,6]", "train.network_dim=4", "train.text_encoder_lr=5e-4"])
+    light = sweep.trial_config(cfg, {"variant": "light"}, tmp_path / "t")
+    assert light.eval.seeds == [1, 2, 3, 4, 5, 6] and light.train.epochs == 6  # only the key given moves
+    assert light.train.network_dim == 2  # light sets its own rank, whatever the command line said
+    assert light.train.text_encoder_lr == 5e-4  # fixed's null gave way to the command line
+    heavy = sweep.trial_config(cfg, {"variant": "heavy"}, tmp_path / "t")
+    assert heavy.train.network_dim == 32 and heavy.train.text_encoder_lr == 1e-3 and heavy.eval.seeds[-1] == 6
+    assert cfg.sweep.swept_keys() >= {"train.network_dim", "train.network_alpha", "train.learning_rate"}
+
+
 def test_no_sweep_chosen_lists_the_choices():
     with pytest.raises(ConfigError, match="choose a sweep with \\+sweep=NAME \\(available: lr, network, optimizer"):
         sweep.run(compose())
@@ -122,9 +135,15 @@ def test_smoke_sweep_runs_resumes_and_ranks(tmp_path, cache_dir, demo_dir):
         assert proc.returncode == 1 and "no completed trial with a usable cell" in proc.stdout
 
 
-def test_a_failing_trial_is_recorded_and_the_study_goes_on(tmp_path, cache_dir, demo_dir):
-    cfg = _cfg(tmp_path, cache_dir, "sweep.grid={train.network_dim:[0,2]}")
+def test_a_failing_trial_is_recorded_and_the_study_goes_on(tmp_path, cache_dir, demo_dir, caplog):
+    import logging
+
+    caplog.set_level(logging.INFO, logger="lora_lab")
+    # train.epochs is also the file's fixed value; train.network_dim is what the study sweeps
+    cfg = _cfg(tmp_path, cache_dir, "sweep.grid={train.network_dim:[0,2]}", "train.epochs=1", "train.network_dim=8")
     table = sweep.run(cfg).set_index("train.network_dim")
+    assert "train.epochs: the command line's value, not the sweep file's fixed 1" in caplog.text
+    assert "train.network_dim: swept by this study, so each trial sets its own" in caplog.text
     assert table.loc[0, "state"] == "failed"
     assert "train.network_dim: must be a whole number >= 1, got 0" in table.loc[0, "reason"]
     assert table.loc[2, "state"] == "complete"

@@ -119,6 +119,10 @@ class SweepConfig:
                 require("low" in spec and "high" in spec and spec["low"] < spec["high"],
                          f"sweep.space.{key}", "needs low < high")
 
+    def swept_keys(self) -> set:
+        """The config paths a trial sets for itself (grid, space and variant keys)."""
+        return set(self.grid) | set(self.space) | {k for v in self.variants.values() for k in v}
+
     def grid_size(self) -> int:
         n = max(1, len(self.variants))
         for values in self.grid.values():

@@ -289,6 +289,10 @@ def run(config: Config) -> "leaderboard.pd.DataFrame":
              f"({sweep.sampler}), objective {sweep.objective}, folder {study_dir}")
     from lora_lab.train import preflight
 
+    for key in sorted(set(config.explicit) & set(sweep.fixed)):
+        log.info(f"{key}: the command line's value, not the sweep file's fixed {sweep.fixed[key]!r}")
+    for key in sorted(set(config.explicit) & sweep.swept_keys()):
+        log.info(f"{key}: swept by this study, so each trial sets its own; the command line's value is not used")
     fixed = trial_config(config, {}, study_dir / "check")  # with sweep.fixed; a trial's own values may differ
     if fixed.data != config.data:  # e.g. data.repeats fixed by the sweep
         from lora_lab.data.dataset import load_dataset

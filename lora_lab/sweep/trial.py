@@ -27,10 +27,14 @@ RUNNING, COMPLETE, PRUNED, FAILED = "running", "complete", "pruned", "failed"
 
 
 def trial_config(config: Config, params: Dict[str, Any], trial_dir: Path) -> Config:
-    """The study's config with the fixed values, the trial's parameters and its folder applied."""
+    """The study's config with the fixed values, the trial's parameters and its folder applied.
+
+    A key the command line set (``Config.explicit``) keeps its value over the sweep file's
+    ``fixed`` (``+sweep=truth eval.seeds=[1,2,3,4]`` renders four seeds); what a trial sweeps
+    (its grid, space or variant values) is set whatever the command line said."""
     sweep = config.sweep
     node = OmegaConf.structured(replace(config, sweep=None))
-    values = dict(sweep.fixed)
+    values = {k: v for k, v in sweep.fixed.items() if k not in config.explicit}
     for key, value in params.items():
         if key == "variant":
             values.update(sweep.variants[value])
