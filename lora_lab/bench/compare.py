@@ -275,8 +275,9 @@ def _truth(argv: List[str]) -> int:
     parser.add_argument("--cache-dir", default="sweeps/.cache")
     parser.add_argument("--out", default="sweeps/bench")
     parser.add_argument("--full", action="store_true",
-                        help="also run the calibration subjects' studies and choose the thresholds on them (about half "
-                             "as long again), saying whether the shipped thresholds come out")
+                        help="also run the calibration subjects' studies and choose the thresholds on them "
+                             "(three more studies, about 35 minutes on 2 cores), saying whether the shipped "
+                             "thresholds come out")
     parser.add_argument("--calibration", type=lambda s: s.split(","), default=None,
                         help="subjects the thresholds are chosen on (implies --full): shipped names or subject .yaml "
                              f"files, comma-separated; default with --full: {','.join(truthbench.CALIBRATION)}")
