@@ -91,7 +91,12 @@ def test_the_command_line_wins_over_the_sweep_files_fixed_but_not_over_what_a_tr
     assert light.train.text_encoder_lr == 5e-4  # fixed's null gave way to the command line
     heavy = sweep.trial_config(cfg, {"variant": "heavy"}, tmp_path / "t")
     assert heavy.train.network_dim == 32 and heavy.train.text_encoder_lr == 1e-3 and heavy.eval.seeds[-1] == 6
-    assert cfg.sweep.swept_keys() >= {"train.network_dim", "train.network_alpha", "train.learning_rate"}
+    assert set(cfg.sweep.swept_keys()) >= {"train.network_dim", "train.network_alpha", "train.learning_rate"}
+    assert trial_mod.command_line_notes(cfg) == [  # what the study's first lines say
+        "eval.seeds: the command line's value, not the sweep file's fixed [1, 2, 3]",
+        "train.text_encoder_lr: the command line's value, not the sweep file's fixed None",
+        "train.network_dim: swept by this study, so each trial sets its own; the command line's value is not used",
+        "train.text_encoder_lr: the command line's value, except in the variants that set their own (heavy)"]
 
 
 def test_no_sweep_chosen_lists_the_choices():

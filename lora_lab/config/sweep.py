@@ -103,8 +103,7 @@ class SweepConfig:
             require(not self.space, "sweep.space", "is for sampler tpe or random, not grid")
         else:
             require(bool(self.n_trials), "sweep.n_trials", f"sampler {self.sampler} needs a trial count")
-        for key in list(self.grid) + list(self.space) + list(self.fixed) + \
-                [k for v in self.variants.values() for k in v]:
+        for key in self.swept_keys() + list(self.fixed):
             require(not key.startswith(_NOT_SWEEPABLE), f"sweep key {key}",
                      "cannot vary within a study (the base model and device are loaded once per worker)")
         for key, values in self.grid.items():
@@ -119,9 +118,9 @@ class SweepConfig:
                 require("low" in spec and "high" in spec and spec["low"] < spec["high"],
                          f"sweep.space.{key}", "needs low < high")
 
-    def swept_keys(self) -> set:
-        """The config paths a trial sets for itself (grid, space and variant keys)."""
-        return set(self.grid) | set(self.space) | {k for v in self.variants.values() for k in v}
+    def swept_keys(self) -> List[str]:
+        """The config paths a trial sets for itself (grid, space and variant keys), in order."""
+        return list(dict.fromkeys([*self.grid, *self.space, *(k for v in self.variants.values() for k in v)]))
 
     def grid_size(self) -> int:
         n = max(1, len(self.variants))

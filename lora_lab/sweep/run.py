@@ -29,7 +29,8 @@ from lora_lab.errors import LoraLabError
 from lora_lab.files import atomic_write_text
 from lora_lab.report import leaderboard
 from lora_lab.sweep.study import counts, heartbeat, is_duplicate, open_study, suggest
-from lora_lab.sweep.trial import COMPLETE, FAILED, PRUNED, RUNNING, Worker, trial_config, write_trial
+from lora_lab.sweep.trial import (COMPLETE, FAILED, PRUNED, RUNNING, Worker, command_line_notes, trial_config,
+                                   write_trial)
 from lora_lab.versions import versions
 
 log = logging.getLogger("lora_lab.sweep")
@@ -289,10 +290,8 @@ def run(config: Config) -> "leaderboard.pd.DataFrame":
              f"({sweep.sampler}), objective {sweep.objective}, folder {study_dir}")
     from lora_lab.train import preflight
 
-    for key in sorted(set(config.explicit) & set(sweep.fixed)):
-        log.info(f"{key}: the command line's value, not the sweep file's fixed {sweep.fixed[key]!r}")
-    for key in sorted(set(config.explicit) & sweep.swept_keys()):
-        log.info(f"{key}: swept by this study, so each trial sets its own; the command line's value is not used")
+    for line in command_line_notes(config):
+        log.info(line)
     fixed = trial_config(config, {}, study_dir / "check")  # with sweep.fixed; a trial's own values may differ
     if fixed.data != config.data:  # e.g. data.repeats fixed by the sweep
         from lora_lab.data.dataset import load_dataset

@@ -14,7 +14,7 @@ import os
 import time
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 from omegaconf import OmegaConf
 
@@ -49,6 +49,21 @@ def trial_config(config: Config, params: Dict[str, Any], trial_dir: Path) -> Con
     out = to_config(node, config.explicit)
     out.sweep = sweep
     return out
+
+
+def command_line_notes(config: Config) -> List[str]:
+    """One line per command-line key the sweep file also names: which value its trials use."""
+    sweep, lines = config.sweep, []
+    for key in sorted(set(config.explicit) & set(sweep.fixed)):
+        lines.append(f"{key}: the command line's value, not the sweep file's fixed {sweep.fixed[key]!r}")
+    for key in sorted(set(config.explicit) & set(sweep.swept_keys())):
+        some = [name for name, values in sweep.variants.items() if key in values]
+        if key in sweep.grid or key in sweep.space or len(some) == len(sweep.variants):
+            lines.append(f"{key}: swept by this study, so each trial sets its own; the command line's value is not used")
+        else:
+            lines.append(f"{key}: the command line's value, except in the variants that set their own "
+                         f"({', '.join(some)})")
+    return lines
 
 
 def objective_value(verdict: dict, judged, objective: str) -> float:
