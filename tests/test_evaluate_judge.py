@@ -69,10 +69,11 @@ def test_no_best_when_everything_overfits():
     assert best_cell(judge(t, 0.8, JudgeConfig())) is None
 
 
-def _contrastive_scores(cell_probs, base_probs=(0.9, 0.8, 0.95)):
-    """Per-image rows: one likeness prompt, one ask with a versus; the ask's probabilities per seed."""
+def _contrastive_scores(cell_probs, base_probs=(0.9, 0.8, 0.95), cell_clip=28.0):
+    """Per-image rows: one likeness prompt, one ask with a versus; the ask's probabilities per
+    seed; the ask's CLIP score 28.0 on the base model's images and ``cell_clip`` on the cell's."""
     rows = []
-    for strength, probs, like in ((0.0, base_probs, 0.2), (1.0, cell_probs, 0.7)):
+    for strength, probs, like, clip in ((0.0, base_probs, 0.2, 28.0), (1.0, cell_probs, 0.7, cell_clip)):
         for seed, p in enumerate(probs):
             common = {"epoch": 1, "label": "a", "strength": strength, "seed": seed, "face_detected": True,
                       "clip_i_max": 0.6, "closest_reference": "r.png", "diversity": 0.2}
@@ -80,7 +81,7 @@ def _contrastive_scores(cell_probs, base_probs=(0.9, 0.8, 0.95)):
                          "clip_i": 0.5, "clip_adherence": float("nan"), "ask_prob": float("nan"),
                          "judge": None, "versus": None})
             rows.append({**common, "prompt_kind": "adaptability", "prompt": "photo of dax with brown eyes",
-                         "face_likeness": like, "clip_i": 0.5, "clip_adherence": 28.0, "ask_prob": p,
+                         "face_likeness": like, "clip_i": 0.5, "clip_adherence": clip, "ask_prob": p,
                          "judge": "a photo of a person with brown eyes", "versus": "a photo of a person with blue eyes"})
     return pd.DataFrame(rows)
 
@@ -93,15 +94,28 @@ def test_a_lost_ask_is_seen_against_the_subjects_own_and_said_in_plain_words():
     assert cell.verdict == "overfit"
     assert cell.reasons == ["asked brown eyes; the images are more like blue eyes in 3 of 3 seeds (P(ask) 0.20); "
                             "base model: brown eyes in 3 of 3 (P 0.88)"]
+    assert cell.instead == "blue eyes"  # what showed instead, for the sweep's example line
     kept = judge(aggregate(_contrastive_scores((0.9, 0.7, 0.4)), "person"), 0.8, JudgeConfig(ask_drop=0.25))
     kept = kept.set_index("strength").loc[1.0]
     assert kept.verdict == "good"  # mean 0.67 against 0.88: within a quarter of the base model
-    assert kept.reasons[0].endswith("asked changes kept: brown eyes in 2 of 3")
+    assert kept.reasons[0].endswith("asked changes kept: brown eyes in 2 of 3") and kept.instead == ""
     # the threshold is a probability ratio: the same cut-off means the same on any CLIP
     assert judge(aggregate(_contrastive_scores((0.9, 0.7, 0.4)), "person"), 0.8,
                  JudgeConfig(ask_drop=0.2)).set_index("strength").loc[1.0].verdict == "overfit"
     # ask_drop 1 turns the probability check off; the CLIP score (unchanged here) still applies
     assert judge(agg, 0.8, JudgeConfig(ask_drop=1.0)).set_index("strength").loc[1.0].verdict == "good"
+
+
+def test_an_ask_only_the_clip_score_finds_lost_says_what_the_either_or_reading_shows():
+    """The CLIP score falls 40% (28.0 -> 16.8) while the versus reading still prefers the ask in
+    every seed: overfit by the score, and the reason says what the other reading saw, in words."""
+    agg = aggregate(_contrastive_scores((0.9, 0.8, 0.95), cell_clip=16.8), "person")
+    cell = judge(agg, 0.8, JudgeConfig(ask_drop=0.25, adherence_drop=0.25)).set_index("strength").loc[1.0]
+    assert cell.verdict == "overfit"
+    assert cell.reasons == ["the asked change fades: 'photo of dax with brown eyes' matches its text 40% less than "
+                            "on the base model (CLIP 16.8 vs base 28.0); CLIP's either-or reading still prefers "
+                            "brown eyes to blue eyes in 3 of 3 seeds (base model: 3 of 3)"]
+    assert cell.instead == ""  # nothing is known to show instead
 
 
 def test_the_pick_weighs_how_likely_the_ask_is_not_the_clip_score():

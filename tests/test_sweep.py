@@ -333,6 +333,22 @@ def test_the_sweeps_last_lines_count_the_verdicts_with_an_example_reason(tmp_pat
     assert text[2].startswith("  underfit, e.g. trial_0 epoch 1 at strength 0.5: too little")
 
 
+def test_the_overfit_example_is_one_that_says_what_showed_instead(tmp_path):
+    """The first overfit cell's reason is a CLIP score; a later one says what was asked and what
+    showed instead, and that one is the example printed."""
+    fade = {"epoch": 1, "strength": 1.5, "verdict": "overfit", "reasons": ["the asked change fades: 'x'"],
+            "instead": ""}
+    plain = {"epoch": 3, "strength": 1.5, "verdict": "overfit", "instead": "pink background",
+             "reasons": ["asked navy background; the images are more like pink background in 3 of 3 seeds"]}
+    for n, cells in ((0, [fade]), (1, [fade, plain])):
+        (tmp_path / f"trial_{n}").mkdir()
+        (tmp_path / f"trial_{n}" / "verdict.json").write_text(json.dumps({"cells": cells}))
+    text = leaderboard.verdict_text(tmp_path).splitlines()
+    assert text[0] == "cells (epoch x strength): 0 underfit, 0 good, 3 overfit"
+    assert text[1] == ("  overfit, e.g. trial_1 epoch 3 at strength 1.5: asked navy background; the images are "
+                       "more like pink background in 3 of 3 seeds")
+
+
 def test_the_printed_leaderboard_leaves_a_pruned_trials_empty_scores_blank():
     table = pd.DataFrame([{"trial": 2, "state": "pruned", "objective": None, "verdict": None, "best_epoch": None,
                            "best_strength": None, "likeness": None, "adherence": None, "snippet": None,

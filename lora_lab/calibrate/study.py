@@ -19,7 +19,7 @@ from lora_lab.config import JudgeConfig
 from lora_lab.evaluate.judge import judge, verdict_document
 from lora_lab.files import atomic_write_text, read_json
 
-JUDGED = ["gain", "combined", "pick_margin", "verdict", "reasons"]  # what the judge adds to the score table
+JUDGED = ["gain", "combined", "pick_margin", "verdict", "reasons", "instead"]  # what the judge adds to the score table
 
 
 @dataclass

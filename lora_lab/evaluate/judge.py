@@ -85,8 +85,9 @@ def phrases(ask: str, versus: str) -> tuple[str, str]:
 
 
 def judge(agg: pd.DataFrame, ceiling: float, cfg: JudgeConfig) -> pd.DataFrame:
-    """Add ``gain``, ``combined``, ``pick_margin``, ``verdict`` and ``reasons`` to the
-    aggregated table.
+    """Add ``gain``, ``combined``, ``pick_margin``, ``verdict``, ``reasons`` and ``instead``
+    (what the seeds show in place of each lost ask, where the contrastive reading says: "pink
+    background"; empty otherwise) to the aggregated table.
 
     A cell is ``overfit`` when an asked change is lost: with a ``versus`` text (or VQA), the
     images are less than ``1 - ask_drop`` times as likely as the base model's to show the ask
@@ -100,7 +101,7 @@ def judge(agg: pd.DataFrame, ceiling: float, cfg: JudgeConfig) -> pd.DataFrame:
     base = _baseline(agg)
     out = agg.copy()
     out.attrs["likeness_prompts_left_out"] = left_out
-    verdicts, reasons, gains, combined, noise = [], [], [], [], []
+    verdicts, reasons, gains, combined, noise, instead = [], [], [], [], [], []
     prompts = [c.split("::", 1)[1] for c in agg.columns if c.startswith("adherence::")]
     for _, cell in agg.iterrows():
         if cell.strength == 0 or base is None:
@@ -109,13 +110,17 @@ def judge(agg: pd.DataFrame, ceiling: float, cfg: JudgeConfig) -> pd.DataFrame:
             gains.append(0.0)
             combined.append(math.nan)
             noise.append(math.nan)
+            instead.append("")
             continue
         why_over: List[str] = []
         ratios: List[float] = []
+        shown: List[str] = []  # what showed instead of a lost ask, where the seeds' reading says
         for prompt in prompts:
-            lost, ratio = _ask_lost(prompt, cell, base, cfg)
+            lost, ratio, own = _ask_lost(prompt, cell, base, cfg)
             if lost:
                 why_over.append(lost)
+            if own:
+                shown.append(own)
             if _ok(ratio):
                 ratios.append(ratio)
         # A near copy is judged against what the base model already does: the cell must pass
@@ -140,6 +145,7 @@ def judge(agg: pd.DataFrame, ceiling: float, cfg: JudgeConfig) -> pd.DataFrame:
                      if _ok(se) and _ok(spread) and spread > 1e-6 else math.nan)
         verdict = rung(bool(why_over), gain, cfg)
         verdicts.append(verdict)
+        instead.append(", ".join(shown))
         if verdict == "overfit":
             reasons.append(why_over)
         elif not _ok(cell.likeness):
@@ -157,6 +163,7 @@ def judge(agg: pd.DataFrame, ceiling: float, cfg: JudgeConfig) -> pd.DataFrame:
     out["pick_margin"] = noise
     out["verdict"] = verdicts
     out["reasons"] = reasons
+    out["instead"] = instead
     return out
 
 
@@ -183,12 +190,15 @@ def informative_likeness(agg: pd.DataFrame, ceiling: float, cfg: JudgeConfig) ->
                  for c in short]
 
 
-def _ask_lost(prompt: str, cell: pd.Series, base: pd.Series, cfg: JudgeConfig) -> tuple[Optional[str], float]:
-    """(why the ask counts as lost or None, the cell's adherence relative to the base model's)
-    for one adaptability prompt: by probability where the suite gives a ``versus`` (or VQA
-    scored it), and by CLIP score for every ask. The relative adherence is the probability's
-    ratio where there is one (scale-free, as the truth's share of images that show the ask),
-    else the CLIP score's."""
+def _ask_lost(prompt: str, cell: pd.Series, base: pd.Series,
+              cfg: JudgeConfig) -> tuple[Optional[str], float, str]:
+    """(why the ask counts as lost or None, the cell's adherence relative to the base model's,
+    what the seeds show instead or "") for one adaptability prompt: by probability where the
+    suite gives a ``versus`` (or VQA scored it), and by CLIP score for every ask. The relative
+    adherence is the probability's ratio where there is one (scale-free, as the truth's share of
+    images that show the ask), else the CLIP score's. Where the CLIP score alone finds the ask
+    lost but a versus reading exists, the reason says what that reading shows, so that a user
+    sees both signals in words."""
     a, a0 = cell.get(f"adherence::{prompt}", math.nan), base.get(f"adherence::{prompt}", math.nan)
     ratio = a / a0 if _ok(a) and _ok(a0) and a0 > 0 else math.nan
     p, p0 = cell.get(f"ask::{prompt}", math.nan), base.get(f"ask::{prompt}", math.nan)
@@ -201,15 +211,30 @@ def _ask_lost(prompt: str, cell: pd.Series, base: pd.Series, cfg: JudgeConfig) -
         n0, won0 = int(base[f"ask_n::{prompt}"]), int(base[f"ask_won::{prompt}"])
         if not isinstance(own, str) or not own:  # question answering: a yes or a no (a CSV reads "" as NaN)
             return (f"asked {asked}; the answer is no in {n - won} of {n} seeds (P(yes) {p:.2f}); base model: "
-                    f"yes in {won0} of {n0} (P {p0:.2f})"), ratio
+                    f"yes in {won0} of {n0} (P {p0:.2f})"), ratio, ""
         return (f"asked {asked}; the images are more like {own} in {n - won} of {n} seeds (P(ask) {p:.2f}); "
-                f"base model: {asked} in {won0} of {n0} (P {p0:.2f})"), ratio
-    if _ok(ratio) and a < (1 - cfg.adherence_drop) * a0:
+                f"base model: {asked} in {won0} of {n0} (P {p0:.2f})"), ratio, own
+    a_ratio = a / a0 if _ok(a) and _ok(a0) and a0 > 0 else math.nan
+    if _ok(a_ratio) and a < (1 - cfg.adherence_drop) * a0:
         blind = "" if contrastive else ("; the suite gives no 'versus' for it, so this is a similarity, blind to "
                                         "a small lost change")
-        return (f"the asked change fades: '{prompt}' matches its text {1 - a / a0:.0%} less than on the base "
-                f"model (CLIP {a:.1f} vs base {a0:.1f}{blind})"), ratio
-    return None, ratio
+        why = (f"the asked change fades: '{prompt}' matches its text {1 - a / a0:.0%} less than on the base "
+               f"model (CLIP {a:.1f} vs base {a0:.1f}{blind})")
+        if contrastive:
+            why += _reading(cell, base, prompt)
+        return why, ratio, ""
+    return None, ratio, ""
+
+
+def _reading(cell: pd.Series, base: pd.Series, prompt: str) -> str:
+    """The versus reading in words, beside a lost ask that only the CLIP score caught."""
+    asked, own = cell[f"asked::{prompt}"], cell[f"own::{prompt}"]
+    if not isinstance(own, str) or not own:
+        return ""
+    n, won = int(cell[f"ask_n::{prompt}"]), int(cell[f"ask_won::{prompt}"])
+    n0, won0 = int(base[f"ask_n::{prompt}"]), int(base[f"ask_won::{prompt}"])
+    return (f"; CLIP's either-or reading still prefers {asked} to {own} in {won} of {n} seeds (base model: "
+            f"{won0} of {n0})")
 
 
 def _kept(cell: pd.Series, base: pd.Series, prompts: List[str]) -> str:

@@ -96,7 +96,9 @@ def notes(study_dir: Path) -> list:
 
 def verdict_text(study_dir: Path) -> str:
     """How many epoch x strength cells of the finished trials are underfit, good and overfit,
-    with one example reason of each (the overfit one first: it is what a user must avoid)."""
+    with one example reason of each (the overfit one first: it is what a user must avoid). The
+    example is the first such cell, except that a cell whose reason says what showed instead of
+    a lost ask (the judge's ``instead``) is preferred to one whose reason cannot."""
     counts = {"underfit": 0, "good": 0, "overfit": 0}
     examples: dict = {}
     for path in sorted(Path(study_dir).glob("trial_*/verdict.json"), key=lambda p: int(p.parent.name.split("_")[1])):
@@ -105,7 +107,8 @@ def verdict_text(study_dir: Path) -> str:
             if v not in counts:
                 continue
             counts[v] += 1
-            examples.setdefault(v, (path.parent.name, cell))
+            if v not in examples or (cell.get("instead") and not examples[v][1].get("instead")):
+                examples[v] = (path.parent.name, cell)
     if not sum(counts.values()):
         return "no evaluated cells yet"
     lines = ["cells (epoch x strength): " + ", ".join(f"{n} {v}" for v, n in counts.items())]
