@@ -212,3 +212,13 @@ def test_aggregate_keeps_likeness_per_prompt():
     agg = aggregate(pd.DataFrame(rows), "object")
     assert math.isclose(agg["likeness::a"].iloc[0], 0.3) and math.isclose(agg["likeness::b"].iloc[0], 0.8)
     assert math.isclose(agg.likeness.iloc[0], 0.55)
+
+
+def test_an_underfit_cell_just_short_of_the_bar_does_not_read_as_reaching_it():
+    """0.2 + 0.298 / 0.6 of the way: 49.67%, which rounds to the bar's 50%; the reason says 49.7%."""
+    t = pd.DataFrame([_cell(1, 0.0, 0.20, 28.9), _cell(1, 1.0, 0.498, 28.9), _cell(2, 1.0, 0.26, 28.9)])
+    v = {(r.epoch, r.strength): r for r in judge(t, 0.80, JudgeConfig(underfit_gain=0.5)).itertuples()}
+    assert v[(1, 1.0)].verdict == "underfit"
+    assert v[(1, 1.0)].reasons == ["too little of the subject yet: likeness 0.498 is 49.7% of the way from the base "
+                                   "model (0.200) to the training images (0.800); needs 50%"]
+    assert "is 10% of the way" in v[(2, 1.0)].reasons[0]  # far from the bar: whole percents

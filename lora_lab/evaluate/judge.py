@@ -152,7 +152,7 @@ def judge(agg: pd.DataFrame, ceiling: float, cfg: JudgeConfig) -> pd.DataFrame:
             reasons.append(["likeness could not be measured: no face detected in the likeness images"
                             if _ok(cell.face_rate) else "likeness could not be measured"])
         elif verdict == "underfit":
-            reasons.append([f"too little of the subject yet: likeness {cell.likeness:.3f} is {_pct(gain)} of the way "
+            reasons.append([f"too little of the subject yet: likeness {cell.likeness:.3f} is {_short_of(gain, cfg.underfit_gain)} of the way "
                             f"from the base model ({_fmt(base.likeness)}) to the training images ({ceiling:.3f}); "
                             f"needs {cfg.underfit_gain:.0%}", *left_out])
         else:
@@ -319,6 +319,17 @@ def _ok(x) -> bool:
 
 def _pct(x: float) -> str:
     return f"{x:.0%}" if _ok(x) else "n/a"
+
+
+def _short_of(x: float, bar: float) -> str:
+    """``x`` as a percentage with enough decimals that it does not read as the ``bar`` it falls
+    short of ("49.7%", not "50%", beside "needs 50%")."""
+    if not _ok(x):
+        return "n/a"
+    for digits in range(3):
+        if round(x * 100, digits) < round(bar * 100, digits):
+            break
+    return f"{x:.{digits}%}"
 
 
 def _fmt(x: float, digits: int = 3) -> str:
