@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import sys
 
 import pandas as pd
@@ -153,12 +154,29 @@ def test_the_pruner_replay_feeds_optuna_the_recorded_checks():
               "s/trial_2": {1: 0.2, 2: 0.3}, "s/trial_3": {1: 1.5, 2: 1.6}}
     finals = {"s/trial_0": 1.3, "s/trial_1": 1.4, "s/trial_2": 0.4, "s/trial_3": 1.7}
     make = lambda: optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=0)  # noqa: E731
-    out = truth_pruning.replay_pruner(make, {"s": trials}, values, finals, {"s": "s/trial_3"})
+    out = truth_pruning.replay_pruner(make, {"s": trials}, values, finals, {"s": ["s/trial_3"]})
     assert out["pruned"] == ["s/trial_2"]  # below the median at epoch 1; trial 3 is above it
     assert out["trial_epochs_saved"] == pytest.approx(2 / 12, abs=1e-4)  # 3 epochs each; trial 2 stopped after 1
     assert out["true_best_pruned"] == 0
-    lost = truth_pruning.replay_pruner(make, {"s": trials}, values, finals, {"s": "s/trial_2"})
+    lost = truth_pruning.replay_pruner(make, {"s": trials}, values, finals, {"s": ["s/trial_2"]})
     assert lost["true_best_pruned"] == 1
+    # trial 2 ties trial 1 for the true best: trial 1 is kept, so nothing is lost
+    tied = truth_pruning.replay_pruner(make, {"s": trials}, values, finals, {"s": ["s/trial_1", "s/trial_2"]})
+    assert tied["true_best_pruned"] == 0
+
+
+def test_the_true_best_trial_keeps_ties_and_skips_truly_overfit_cells():
+    cells = pd.DataFrame([
+        {"subject": "s", "trial": "trial_0", "true_combined": math.nan, "true_verdict": "base"},
+        {"subject": "s", "trial": "trial_0", "true_combined": 1.85, "true_verdict": "good"},
+        {"subject": "s", "trial": "trial_1", "true_combined": 1.7, "true_verdict": "good"},
+        {"subject": "s", "trial": "trial_1", "true_combined": 1.9, "true_verdict": "overfit"},  # not a keeper
+        {"subject": "s", "trial": "trial_2", "true_combined": 1.8500000000000001, "true_verdict": "good"},
+        {"subject": "t", "trial": "trial_0", "true_combined": 1.2, "true_verdict": "overfit"},
+        {"subject": "t", "trial": "trial_1", "true_combined": 1.4, "true_verdict": "overfit"},
+    ])
+    assert truth_pruning.true_best_trials(cells, "s") == ["s/trial_0", "s/trial_2"]
+    assert truth_pruning.true_best_trials(cells, "t") == ["t/trial_1"]  # every cell overfit: all count
 
 
 @pytest.mark.slow
@@ -191,7 +209,8 @@ def test_a_small_truth_run_writes_every_documented_key(tmp_path):
     assert {"underfit_gain", "adherence_drop", "diversity_drop", "copy_threshold"} <= set(doc["thresholds"])
     assert doc["run"] == "full" and doc["thresholds"]["source"] == "chosen on the calibration subjects"
     assert doc["thresholds"]["same_as_shipped"] == (doc["thresholds"]["differ_from_shipped"] == {})
-    assert set(doc["pruning"]) >= {"spearman_by_epoch", "pruners"}
+    assert set(doc["pruning"]) >= {"spearman_by_epoch", "pruners", "true_best"}
+    assert len(doc["pruning"]["true_best"]) == 2 and all(doc["pruning"]["true_best"].values())
     now = doc["pruning"]["pruners"]["heldout"]["25th percentile, 1 warm-up epoch"]
     assert set(now) >= {"trial_epochs_saved", "true_best_pruned"}
     assert doc["validation_loss"]["trials"] == 4

@@ -67,23 +67,39 @@ def _pruners() -> dict:
 
 
 def replay_pruner(make, studies: Dict[str, List[dict]], values: Dict[str, Dict[int, float]],
-                  finals: Dict[str, float], true_best: Dict[str, str]) -> dict:
-    """Feed each study's recorded per-epoch checks to a fresh Optuna pruner, trials in order."""
+                  finals: Dict[str, float], true_best: Dict[str, List[str]]) -> dict:
+    """Feed each study's recorded per-epoch checks to a fresh Optuna pruner, trials in order.
+    ``true_best``: per study, the trials whose best cell has the study's highest true score (a
+    tie keeps them all); the study's true best is lost only when every one of them is pruned,
+    since a kept trial as good as the best loses the user nothing."""
     from lora_lab.sweep.study import replay_pruning
 
     saved = total = lost = 0
     pruned_trials = []
     for name, trials in studies.items():
         recorded = [(values[t["trial_key"]], finals[t["trial_key"]]) for t in trials]
+        stopped_here = set()
         for t, (per_epoch, _), stopped in zip(trials, recorded, replay_pruning(make, recorded)):
             epochs = max(per_epoch) + 1 if per_epoch else 0  # the last epoch is never checked
             total += epochs
             if stopped is not None:
                 saved += epochs - stopped
                 pruned_trials.append(t["trial_key"])
-                lost += int(t["trial_key"] == true_best[name])
+                stopped_here.add(t["trial_key"])
+        lost += int(set(true_best[name]) <= stopped_here)
     return {"trial_epochs_saved": round(saved / total, 4) if total else None, "true_best_pruned": lost,
             "studies": len(studies), "pruned": pruned_trials}
+
+
+def true_best_trials(cells: pd.DataFrame, name: str) -> List[str]:
+    """The study's true best trials: those whose best cell that is not truly overfit (any cell
+    where every one is) has the highest true combined score, ties all kept (the read-out's
+    shares are fractions of a few images, so equal scores are common)."""
+    mine = cells[(cells.subject == name) & cells.true_combined.notna()]
+    ok = mine[mine.true_verdict != "overfit"]
+    pool = ok if len(ok) else mine
+    top = pool.groupby("trial").true_combined.max().round(9)
+    return [f"{name}/{trial}" for trial in sorted(top.index[top == top.max()])]
 
 
 def pruning(trials: List[dict], cfg: JudgeConfig, cells: pd.DataFrame, split: Dict[str, str]) -> dict:
@@ -96,12 +112,9 @@ def pruning(trials: List[dict], cfg: JudgeConfig, cells: pd.DataFrame, split: Di
         best = best_cell(judged)
         finals[t["trial_key"]] = 0.0 if best is None or pd.isna(best.combined) else float(best.combined)
     for name in {t["subject"] for t in trials}:
-        mine = cells[cells.subject == name]
-        ok = mine[mine.true_verdict != "overfit"]
-        pool = ok if len(ok) else mine
-        top = pool.sort_values("true_combined", ascending=False).iloc[0]
-        true_best[name] = f"{name}/{top.trial}"
-    out = {"spearman_by_epoch": {}, "checks": CHECKS, "pruners": {}}
+        true_best[name] = true_best_trials(cells, name)
+    out = {"spearman_by_epoch": {}, "checks": CHECKS, "pruners": {},
+           "true_best": {name: true_best[name] for name in sorted(true_best)}}
     values = {}
     for label, check in CHECKS.items():
         values[label] = {t["trial_key"]: check_values(t, cfg, check) for t in trials}

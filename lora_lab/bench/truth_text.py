@@ -66,6 +66,9 @@ def text(r: dict) -> str:
         lines.append(f"  {part}: " + "; ".join(f"{name}: saves {v['trial_epochs_saved']:.0%}, true best pruned "
                                                 f"{v['true_best_pruned']} of {v['studies']}"
                                                 for name, v in pruners.items() if v["trial_epochs_saved"] is not None))
+    if p.get("true_best"):  # a study's best is lost only when every trial tied for it is pruned
+        lines.append("  each study's true best trial (ties: all of them): " + "; ".join(
+            f"{name} {', '.join(key.split('/', 1)[1] for key in keys)}" for name, keys in p["true_best"].items()))
     ro = r.get("readouts") or {}
     if ro:
         lines += ["", "the two read-outs read the same, by attribute (training drawings / base renders / LoRA renders):"]
