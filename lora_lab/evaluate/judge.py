@@ -200,22 +200,19 @@ def _ask_lost(prompt: str, cell: pd.Series, base: pd.Series,
     lost but a versus reading exists, the reason says what that reading shows, so that a user
     sees both signals in words."""
     a, a0 = cell.get(f"adherence::{prompt}", math.nan), base.get(f"adherence::{prompt}", math.nan)
-    ratio = a / a0 if _ok(a) and _ok(a0) and a0 > 0 else math.nan
+    clip_ratio = a / a0 if _ok(a) and _ok(a0) and a0 > 0 else math.nan
     p, p0 = cell.get(f"ask::{prompt}", math.nan), base.get(f"ask::{prompt}", math.nan)
     contrastive = _ok(p) and _ok(p0) and p0 > 0
-    if contrastive:  # how likely the ask is, relative to the base model: what the pick weighs
-        ratio = p / p0
+    # how likely the ask is, relative to the base model, where there is a probability: what the pick weighs
+    ratio = p / p0 if contrastive else clip_ratio
     if contrastive and p < (1 - cfg.ask_drop) * p0:
-        asked, own = cell[f"asked::{prompt}"], cell[f"own::{prompt}"]
-        n, won = int(cell[f"ask_n::{prompt}"]), int(cell[f"ask_won::{prompt}"])
-        n0, won0 = int(base[f"ask_n::{prompt}"]), int(base[f"ask_won::{prompt}"])
+        asked, own, n, won, n0, won0 = _seeds(cell, base, prompt)
         if not isinstance(own, str) or not own:  # question answering: a yes or a no (a CSV reads "" as NaN)
             return (f"asked {asked}; the answer is no in {n - won} of {n} seeds (P(yes) {p:.2f}); base model: "
                     f"yes in {won0} of {n0} (P {p0:.2f})"), ratio, ""
         return (f"asked {asked}; the images are more like {own} in {n - won} of {n} seeds (P(ask) {p:.2f}); "
                 f"base model: {asked} in {won0} of {n0} (P {p0:.2f})"), ratio, own
-    a_ratio = a / a0 if _ok(a) and _ok(a0) and a0 > 0 else math.nan
-    if _ok(a_ratio) and a < (1 - cfg.adherence_drop) * a0:
+    if _ok(clip_ratio) and a < (1 - cfg.adherence_drop) * a0:
         blind = "" if contrastive else ("; the suite gives no 'versus' for it, so this is a similarity, blind to "
                                         "a small lost change")
         why = (f"the asked change fades: '{prompt}' matches its text {1 - a / a0:.0%} less than on the base "
@@ -228,13 +225,17 @@ def _ask_lost(prompt: str, cell: pd.Series, base: pd.Series,
 
 def _reading(cell: pd.Series, base: pd.Series, prompt: str) -> str:
     """The versus reading in words, beside a lost ask that only the CLIP score caught."""
-    asked, own = cell[f"asked::{prompt}"], cell[f"own::{prompt}"]
+    asked, own, n, won, n0, won0 = _seeds(cell, base, prompt)
     if not isinstance(own, str) or not own:
         return ""
-    n, won = int(cell[f"ask_n::{prompt}"]), int(cell[f"ask_won::{prompt}"])
-    n0, won0 = int(base[f"ask_n::{prompt}"]), int(base[f"ask_won::{prompt}"])
     return (f"; CLIP's either-or reading still prefers {asked} to {own} in {won} of {n} seeds (base model: "
             f"{won0} of {n0})")
+
+
+def _seeds(cell: pd.Series, base: pd.Series, prompt: str) -> tuple:
+    """(asked, own, seeds, seeds that show the ask, the base model's seeds, its seeds that show it)."""
+    return (cell[f"asked::{prompt}"], cell[f"own::{prompt}"], int(cell[f"ask_n::{prompt}"]),
+            int(cell[f"ask_won::{prompt}"]), int(base[f"ask_n::{prompt}"]), int(base[f"ask_won::{prompt}"]))
 
 
 def _kept(cell: pd.Series, base: pd.Series, prompts: List[str]) -> str:
