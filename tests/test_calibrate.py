@@ -234,7 +234,7 @@ def test_judge_file_on_the_command_line(tmp_path):
     assert cfg.eval.judge.underfit_gain == 0.15 and cfg.eval.judge.adherence_drop == 0.3
     # a key the file leaves out keeps the value it had without the file (the model's: the toy
     # world sets its own ask_drop)
-    assert cfg.eval.judge.ask_drop == compose([]).eval.judge.ask_drop == 0.2
+    assert cfg.eval.judge.ask_drop == compose([]).eval.judge.ask_drop == 0.075
     with pytest.raises(ConfigError, match="eval.judge: no judge file"):
         compose([f"eval.judge={tmp_path / 'missing.yaml'}"])
     path.write_text("underfit_gain: 0.15\nfoo: 1\n")

@@ -47,14 +47,16 @@ from lora_lab.evaluate.judge import aggregate, best_cell, judge
 from lora_lab.numbers import wilson
 from lora_lab.toyworld import assets, subjects
 
-CALIBRATION = ("sks", "vek", "mox")
+CALIBRATION = ("sks", "vek", "mox", "zev", "pim")
 HELDOUT = ("qor", "lum", "dax", "ryn", "tal", "oka")
 VERDICTS = gt.VERDICTS
 TRUTH_RULES = JudgeConfig()  # what "truly underfit / overfit" means; never tuned
 # Judge settings tried on the calibration subjects; 1.0 turns a check off.
-CANDIDATES = {"underfit_gain": [0.1, 0.15, 0.2, 0.25, 0.3, 0.35, 0.4, 0.5],
+# The grid reaches past where the search has chosen so far (underfit_gain 0.5 and ask_drop 0.1
+# were its edges once), so that a choice at an edge is not the grid's doing.
+CANDIDATES = {"underfit_gain": [0.1, 0.15, 0.2, 0.25, 0.3, 0.35, 0.4, 0.45, 0.5, 0.55, 0.6, 0.65, 0.7],
               "adherence_drop": [0.05, 0.1, 0.15, 0.2, 0.25, 0.3],
-              "ask_drop": [0.1, 0.15, 0.2, 0.25, 0.5, 0.75, 1.0],
+              "ask_drop": [0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.25, 0.5, 0.75, 1.0],
               "diversity_drop": [0.5, 1.0], "copy_threshold": [0.95, 1.0]}
 # Where the calibration subjects cannot tell candidates apart (equal balanced recall and
 # agreement), the judge takes the one whose sentence is nearest the truth's own: an ask is
